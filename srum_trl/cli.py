@@ -1,0 +1,268 @@
+"""The `srum-trl` command line: generate, rollout (generate + judge), train, eval, show.
+
+Every command takes `--help`; `train` exposes every `SRUMConfig` field and TRL's model/LoRA flags.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+from dataclasses import dataclass, field
+
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+
+@dataclass
+class ModelArgs:
+    """Which model to load."""
+
+    model: str = field(metadata={"help": "Model folder or Hub id."})
+    adapter: str | None = field(default=None, metadata={"help": "PEFT adapter folder to load on top."})
+    dtype: str = field(default="float32", metadata={"help": "float32, bfloat16, float16 or auto."})
+    attn_implementation: str = field(default="sdpa", metadata={"help": "sdpa, eager or flash_attention_2."})
+    device: str | None = field(default=None, metadata={"help": "cpu, cuda, ... (default: cuda if available)."})
+
+
+@dataclass
+class GenerateArgs:
+    """Sampling settings."""
+
+    prompts: str = field(metadata={"help": "Prompt file: .txt (one per line), .json list or .jsonl records."})
+    out: str = field(metadata={"help": "Output folder."})
+    seed: int = field(default=0, metadata={"help": "Sampling seed."})
+    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1: none)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    batch_size: int = field(default=16, metadata={"help": "Images per forward batch."})
+
+
+@dataclass
+class JudgeArgs:
+    """How the model judges images."""
+
+    judge_mode: str = field(default="logits", metadata={"help": "logits or text."})
+    region_proposer: str = field(default="grid", metadata={"help": "grid, sam or none."})
+    region_grid: int = field(default=2, metadata={"help": "Cells per side of the grid proposer."})
+    map_rule: str = field(default="srum", metadata={"help": "srum or signed."})
+    shard_size: int = field(default=64, metadata={"help": "Rows per stored shard (rollout)."})
+    pictures: int = field(default=0, metadata={"help": "Save this many reward-map pictures next to the output."})
+
+
+@dataclass
+class TrainScriptArgs:
+    """Data of `srum-trl train`."""
+
+    prompts: str = field(metadata={"help": "Prompt file, datasets folder, or rollout store (offline training)."})
+    eval_prompts: str | None = field(default=None, metadata={"help": "Prompt file for evaluation."})
+    max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+
+
+@dataclass
+class ShowArgs:
+    """Draw stored judged images."""
+
+    rollouts: str = field(metadata={"help": "A rollout store folder (srum-trl rollout --out)."})
+    out: str = field(metadata={"help": "Output folder for the PNG pictures."})
+    indices: str = field(default="0", metadata={"help": "Comma-separated row indices, or 'all'."})
+
+
+def _device(name: str | None) -> str:
+    import torch
+
+    return name or ("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _load(model_args: ModelArgs):
+    from .models import load_backend
+
+    backend = load_backend(model_args.model, adapter=model_args.adapter, dtype=model_args.dtype,
+                           attn_implementation=model_args.attn_implementation)
+    backend.model.to(_device(model_args.device))
+    return backend
+
+
+def _judge(judge_args: JudgeArgs, backend):
+    from .rewards import UMMJudgeRewardFunction
+
+    return UMMJudgeRewardFunction(backend, mode=judge_args.judge_mode, region_proposer=judge_args.region_proposer,
+                                  region_grid=judge_args.region_grid, map_rule=judge_args.map_rule)
+
+
+def _generation(gen: GenerateArgs):
+    from .models import GenerationConfig
+
+    return GenerationConfig(guidance=gen.guidance_scale, temperature=gen.temperature, batch_size=gen.batch_size)
+
+
+def cmd_generate(argv):
+    """Write one PNG per prompt line, `{line:05d}.png`; already written files are kept (resume)."""
+    from transformers import HfArgumentParser
+
+    from .data.prompts import load_prompts
+
+    model_args, gen = HfArgumentParser((ModelArgs, GenerateArgs)).parse_args_into_dataclasses(argv)
+    prompts = load_prompts(gen.prompts)
+    backend = _load(model_args)
+    os.makedirs(gen.out, exist_ok=True)
+    from tqdm.auto import tqdm
+
+    todo = [i for i in range(len(prompts)) if not os.path.exists(os.path.join(gen.out, f"{i:05d}.png"))]
+    config = _generation(gen)
+    for start in tqdm(range(0, len(todo), gen.batch_size), desc="generate", unit="batch"):
+        rows = todo[start : start + gen.batch_size]
+        rollout = backend.generate([prompts[i] for i in rows], config, seed=gen.seed + rows[0])
+        for i, image in zip(rows, rollout.images):
+            tmp = os.path.join(gen.out, f".{i:05d}.png.tmp")
+            image.save(tmp, format="PNG")
+            os.replace(tmp, os.path.join(gen.out, f"{i:05d}.png"))
+    print(f"{len(prompts)} images in {gen.out} ({len(prompts) - len(todo)} were already there)")
+
+
+def cmd_rollout(argv):
+    """Generate + judge prompts into a resumable rollout store (a datasets folder of shards)."""
+    from transformers import HfArgumentParser
+
+    from .data import build_rollouts
+    from .data.prompts import load_prompts
+
+    model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
+    backend = _load(model_args)
+    dataset = build_rollouts(backend, load_prompts(gen.prompts), _judge(judge_args, backend), gen.out,
+                             _generation(gen), seed=gen.seed, shard_size=judge_args.shard_size)
+    _save_pictures(dataset, range(min(judge_args.pictures, len(dataset))), os.path.join(gen.out, "pictures"))
+    rewards = dataset["reward"]
+    print(f"{len(dataset)} judged rollouts in {gen.out}; mean reward {sum(rewards) / len(rewards):+.4f}")
+
+
+def cmd_eval(argv):
+    """Generate for prompts and report the judge's mean reward (JSON to --out/eval.json)."""
+    from transformers import HfArgumentParser
+
+    from .data.prompts import load_prompts
+
+    model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
+    backend = _load(model_args)
+    prompts = load_prompts(gen.prompts)
+    rollout = backend.generate(prompts, _generation(gen), seed=gen.seed, progress=True)
+    judge = _judge(judge_args, backend)
+    maps = judge.judge(rollout.images, prompts, rollout.grid)
+    rewards = [judge.scalar(m) for m in maps]
+    result = {
+        "model": model_args.model,
+        "adapter": model_args.adapter,
+        "num_prompts": len(prompts),
+        "mean_reward": sum(rewards) / len(rewards),
+        "mean_token_weight": float(sum(m.token_map.mean() for m in maps) / len(maps)),
+        "guidance_scale": gen.guidance_scale,
+        "seed": gen.seed,
+    }
+    os.makedirs(gen.out, exist_ok=True)
+    with open(os.path.join(gen.out, "eval.json"), "w") as f:
+        json.dump(result, f, indent=2)
+    print(json.dumps(result, indent=2))
+
+
+def cmd_train(argv):
+    """SRUM training; every SRUMConfig field and TRL's ModelConfig (LoRA) flags are accepted."""
+    from trl import ModelConfig, TrlParser, get_peft_config
+
+    from .data.prompts import load_prompt_dataset
+    from .trainers import SRUMConfig, SRUMTrainer
+
+    parser = TrlParser((TrainScriptArgs, SRUMConfig, ModelConfig), prog="srum-trl train")
+    script, config, model_config = parser.parse_args_and_config(argv)
+    if model_config.model_name_or_path is None:
+        parser.error("--model_name_or_path is required")
+    init = dict(config.model_init_kwargs or {})
+    init.setdefault("attn_implementation", model_config.attn_implementation or "sdpa")
+    if model_config.dtype not in (None, "auto"):
+        init.setdefault("dtype", model_config.dtype)
+    config.model_init_kwargs = init
+    train = load_prompt_dataset(script.prompts)
+    if script.max_prompts:
+        train = train.select(range(min(script.max_prompts, len(train))))
+    eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
+    peft_config = get_peft_config(model_config)  # target_modules None: the backend's default LoRA targets
+    trainer = SRUMTrainer(model_config.model_name_or_path, args=config, train_dataset=train,
+                          eval_dataset=eval_dataset, peft_config=peft_config)
+    trainer.train()
+    trainer.save_model(config.output_dir)
+    if config.push_to_hub:
+        trainer.push_to_hub()
+
+
+def _save_pictures(dataset, indices, folder):
+    from .data import reward_map_from_row
+    from .rewards import render_reward_map
+
+    indices = list(indices)
+    if not indices:
+        return
+    os.makedirs(folder, exist_ok=True)
+    for i in indices:
+        row = dataset[i]
+        render_reward_map(row["image"], reward_map_from_row(row), row["prompt"]).save(
+            os.path.join(folder, f"{i:05d}.png"))
+    print(f"{len(indices)} reward-map pictures in {folder}")
+
+
+def cmd_show(argv):
+    """Draw stored judged images beside their reward maps (boxes and scores)."""
+    from transformers import HfArgumentParser
+
+    from .data import load_rollouts
+
+    (args,) = HfArgumentParser((ShowArgs,)).parse_args_into_dataclasses(argv)
+    dataset = load_rollouts(args.rollouts)
+    if args.indices == "all":
+        indices = range(len(dataset))
+    else:
+        indices = [int(i) for i in args.indices.split(",")]
+        bad = [i for i in indices if not 0 <= i < len(dataset)]
+        if bad:
+            raise SystemExit(f"--indices {bad} out of range: the store holds {len(dataset)} rows.")
+    _save_pictures(dataset, indices, args.out)
+
+
+COMMANDS = {
+    "generate": cmd_generate,
+    "rollout": cmd_rollout,
+    "train": cmd_train,
+    "eval": cmd_eval,
+    "show": cmd_show,
+}
+
+
+def _extra_commands():
+    try:
+        from .shapes.cli import COMMANDS as shapes_commands
+    except ImportError:
+        return {}
+    return {"shapes": shapes_commands}
+
+
+def main(argv: list[str] | None = None) -> None:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    commands = dict(COMMANDS)
+    groups = _extra_commands()
+    usage = "usage: srum-trl {" + ",".join(list(commands) + list(groups)) + "} ... [--help]\n\n" + "\n".join(
+        f"  {name:10s}{(fn.__doc__ or '').strip().splitlines()[0]}" for name, fn in commands.items()
+    ) + "".join(f"\n  {name:10s}ShapesWorld tools: {', '.join(sub)}" for name, sub in groups.items())
+    if not argv or argv[0] in ("-h", "--help"):
+        print(usage)
+        return
+    name, rest = argv[0], argv[1:]
+    if name in groups:
+        sub = groups[name]
+        if not rest or rest[0] in ("-h", "--help") or rest[0] not in sub:
+            print(f"usage: srum-trl {name} {{{','.join(sub)}}} ... [--help]")
+            raise SystemExit(0 if not rest or rest[0] in ("-h", "--help") else 2)
+        return sub[rest[0]](rest[1:])
+    if name not in commands:
+        print(usage, file=sys.stderr)
+        raise SystemExit(f"srum-trl: unknown command {name!r}")
+    commands[name](rest)
+
+
+if __name__ == "__main__":
+    main()

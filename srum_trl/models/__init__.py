@@ -1,0 +1,68 @@
+"""Model backends: one small interface ([`UMMBackend`]), one module or folder per model family."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import torch
+
+from .base import GenerationConfig, Rollout, UMMBackend, register_backend, registered_backends
+from .janus import JanusBackend, load_janus
+
+
+def _read_config(path: str) -> dict:
+    config_file = os.path.join(path, "config.json")
+    if os.path.isfile(config_file):
+        with open(config_file) as f:
+            return json.load(f)
+    return {}
+
+
+register_backend("janus", lambda cfg: cfg.get("model_type") == "janus", load_janus)
+
+
+def load_backend(model, adapter: str | None = None, processor=None, backend_kwargs: dict | None = None,
+                 **model_init_kwargs) -> UMMBackend:
+    """Resolve `model` (a path / Hub id, a `PreTrainedModel`, or an existing backend) into a [`UMMBackend`].
+
+    Raises:
+        ValueError: when the model type is not one of the registered families (the message lists them).
+    """
+    from .base import _REGISTRY
+
+    if isinstance(model, UMMBackend):
+        return model
+    if isinstance(model, torch.nn.Module):
+        model_type = getattr(getattr(model, "config", None), "model_type", None)
+        if model_type == "janus":
+            if processor is None:
+                raise ValueError("A Janus model object needs its `processing_class` (a JanusProcessor).")
+            return JanusBackend(model, processor, **(backend_kwargs or {}))
+        raise ValueError(
+            f"Unknown model type {model_type!r} for {type(model).__name__}; supported: {registered_backends()}."
+        )
+    if not isinstance(model, (str, os.PathLike)):
+        raise ValueError(f"`model` must be a path, a model or a UMMBackend, got {type(model).__name__}.")
+    path = str(model)
+    config = _read_config(path)
+    if os.path.isdir(path) and not config:
+        raise ValueError(f"{path!r} has no config.json: it is not a model folder that srum_trl can load.")
+    for name, (detect, load) in _REGISTRY.items():
+        if not config or detect(config):
+            return load(path, adapter=adapter, backend_kwargs=backend_kwargs, **model_init_kwargs)
+    raise ValueError(
+        f"Unknown model type {config.get('model_type')!r} in {path!r}; supported families: {registered_backends()}."
+    )
+
+
+__all__ = [
+    "GenerationConfig",
+    "JanusBackend",
+    "Rollout",
+    "UMMBackend",
+    "load_backend",
+    "load_janus",
+    "register_backend",
+    "registered_backends",
+]

@@ -1,0 +1,333 @@
+"""Janus / Janus-Pro through transformers' `JanusForConditionalGeneration`: discrete VQ image tokens, generated
+autoregressively with classifier-free guidance (CFG).
+
+transformers' Janus `forward` scores text only. Image-token scores go: image-token ids ->
+`prepare_embeddings_for_image_generation` -> the language model -> `generation_head`, which is what
+[`JanusBackend.image_logits`] does, both when sampling and when computing losses, so that the loss scores exactly
+the distribution that sampled the tokens.
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+from tqdm.auto import tqdm
+from transformers import DynamicCache
+
+from ..base import GenerationConfig, Rollout, UMMBackend
+
+
+def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
+    """The `JanusForConditionalGeneration` under PEFT / compile wrappers (LoRA layers stay injected in it)."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
+    return getattr(model, "_orig_mod", model)
+
+
+class JanusBackend(UMMBackend):
+    """[`UMMBackend`] for Janus-family checkpoints.
+
+    Args:
+        model: a `JanusForConditionalGeneration` (optionally wrapped by PEFT).
+        processor: its `JanusProcessor`.
+        question_format: how a question about an image is written for the understanding side; `{image}` is replaced by
+            the processor's image placeholder and `{question}` by the question. `None` uses the processor's chat
+            template when it has one, else `"{image}{question}"`.
+        generation_format: how a prompt is written for image generation (`{prompt}`); `None` uses the chat
+            template when there is one, else the bare prompt. The processor appends the begin-of-image token.
+        understanding_batch_size: images per forward pass of [`yes_probability`] and [`answer`].
+    """
+
+    token_kind = "discrete"
+
+    def __init__(
+        self,
+        model,
+        processor,
+        question_format: str | None = None,
+        generation_format: str | None = None,
+        understanding_batch_size: int = 32,
+    ):
+        super().__init__(model, processor)
+        self.question_format = question_format
+        self.generation_format = generation_format
+        self.understanding_batch_size = understanding_batch_size
+        tokenizer = processor.tokenizer
+        if tokenizer.pad_token_id is None:
+            raise ValueError("The Janus tokenizer has no pad token; set `tokenizer.pad_token` before training.")
+        self._yes_ids = self._answer_token_ids(("yes", "Yes", " yes", " Yes"))
+        self._no_ids = self._answer_token_ids(("no", "No", " no", " No"))
+
+    # ------------------------------------------------------------------------------------------------ helpers
+    @property
+    def core(self):
+        return _unwrap(self.model)
+
+    @property
+    def config(self):
+        return self.core.config
+
+    @property
+    def image_size(self) -> int:
+        grid = self.token_grid[0]
+        downsample = 2 ** (len(self.config.vq_config.channel_multiplier) - 1)
+        return grid * downsample
+
+    @property
+    def token_grid(self) -> tuple[int, int]:
+        n = self.config.vq_config.num_patches
+        return (n, n)
+
+    @property
+    def num_image_tokens(self) -> int:
+        h, w = self.token_grid
+        return h * w
+
+    @property
+    def max_prompt_tokens(self) -> int:
+        return self.config.text_config.max_position_embeddings - self.num_image_tokens
+
+    def _answer_token_ids(self, words) -> list[int]:
+        tokenizer = self.processor.tokenizer
+        ids = set()
+        for word in words:
+            enc = tokenizer.encode(word, add_special_tokens=False)
+            if len(enc) == 1 and enc[0] != tokenizer.unk_token_id:
+                ids.add(enc[0])
+        return sorted(ids)
+
+    def _has_chat_template(self) -> bool:
+        return getattr(self.processor, "chat_template", None) is not None
+
+    def format_generation_prompt(self, prompt: str) -> str:
+        """The text that precedes the begin-of-image token when generating an image for `prompt`."""
+        if self.generation_format is not None:
+            return self.generation_format.format(prompt=prompt)
+        if self._has_chat_template():
+            messages = [{"role": "user", "content": [{"type": "text", "text": prompt}]}]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return prompt
+
+    def format_question(self, question: str) -> str:
+        """The text (with one image placeholder) after which the next token answers `question`."""
+        image_token = self.processor.image_token
+        if self.question_format is not None:
+            return self.question_format.format(image=image_token, question=question)
+        if self._has_chat_template():
+            messages = [
+                {"role": "user", "content": [{"type": "image"}, {"type": "text", "text": question}]},
+            ]
+            return self.processor.apply_chat_template(messages, add_generation_prompt=True)
+        return f"{image_token}{question}"
+
+    def tokenize_prompts(self, prompts: list[str]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Left-padded ids and attention mask of the generation prompts (ending with begin-of-image)."""
+        texts = [self.format_generation_prompt(p) for p in prompts]
+        enc = self.processor(text=texts, generation_mode="image", return_tensors="pt", padding=True)
+        return enc["input_ids"].to(self.device), enc["attention_mask"].to(self.device)
+
+    def prompt_lengths(self, prompts: list[str]) -> list[int]:
+        texts = [self.format_generation_prompt(p) for p in prompts]
+        enc = self.processor(text=texts, generation_mode="image", padding=False, return_tensors=None)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
+        """The prompt with its text dropped, as Janus builds it: every token except BOS and begin-of-image -> pad."""
+        tokenizer = self.processor.tokenizer
+        boi = tokenizer.convert_tokens_to_ids(self.processor.image_start_token)
+        keep = input_ids == boi
+        if tokenizer.bos_token_id is not None:
+            keep |= input_ids == tokenizer.bos_token_id
+        return torch.where(keep, input_ids, torch.full_like(input_ids, tokenizer.pad_token_id))
+
+    @staticmethod
+    def _positions(mask: torch.Tensor) -> torch.Tensor:
+        return (mask.long().cumsum(-1) - 1).clamp(min=0)
+
+    # --------------------------------------------------------------------------------------------- generation
+    def image_logits(
+        self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
+    ) -> torch.Tensor:
+        """Teacher-forced next-image-token logits `[B, T, V]` for every position of `image_tokens` `[B, T]`."""
+        core = self.core
+        text_embeds = core.get_input_embeddings()(input_ids)
+        image_embeds = core.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
+        embeds = torch.cat([text_embeds, image_embeds.to(text_embeds.dtype)], dim=1)
+        ones = attention_mask.new_ones(image_tokens.shape[0], image_tokens.shape[1] - 1)
+        mask = torch.cat([attention_mask, ones], dim=1)
+        hidden = core.model.language_model(
+            inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask), use_cache=False
+        ).last_hidden_state
+        hidden = hidden[:, input_ids.shape[1] - 1 :]
+        return core.model.generation_head(hidden)
+
+    @torch.no_grad()
+    def generate(
+        self, prompts: list[str], config: GenerationConfig | None = None, seed: int | None = None, progress=False
+    ) -> Rollout:
+        config = config or GenerationConfig()
+        self.check_prompts(prompts)
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        was_training = self.model.training
+        self.model.eval()
+        tokens, margins, logprobs = [], [], []
+        starts = range(0, len(prompts), config.batch_size)
+        for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+            batch = prompts[start : start + config.batch_size]
+            t, m, lp = self._sample(batch, config, generator)
+            tokens.append(t)
+            margins.append(m)
+            logprobs.append(lp)
+        if was_training:
+            self.model.train()
+        tokens = torch.cat(tokens)
+        return Rollout(
+            prompts=list(prompts),
+            images=self.decode(tokens),
+            tokens=tokens.cpu(),
+            grid=self.token_grid,
+            guidance=config.guidance,
+            temperature=config.temperature,
+            seed=seed,
+            guidance_margin=torch.cat(margins).cpu(),
+            logprobs=torch.cat(logprobs).cpu(),
+        )
+
+    def _sample(self, prompts, config: GenerationConfig, generator: torch.Generator):
+        core = self.core
+        lm = core.model.language_model
+        ids, mask = self.tokenize_prompts(prompts)
+        batch = ids.shape[0]
+        guided = config.guidance != 1.0
+        if guided:
+            ids = torch.cat([ids, self.unconditional_ids(ids)])
+            mask = torch.cat([mask, mask])
+        cache = DynamicCache(config=core.config.text_config)
+        embeds = core.get_input_embeddings()(ids)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask),
+                 past_key_values=cache, use_cache=True)
+        position = self._positions(mask)[:, -1:]
+        tokens = torch.empty(batch, self.num_image_tokens, dtype=torch.long, device=ids.device)
+        margin = torch.zeros(batch, device=ids.device)
+        logprobs = torch.empty(batch, self.num_image_tokens, device=ids.device)
+        for i in range(self.num_image_tokens):
+            logits = core.model.generation_head(out.last_hidden_state[:, -1]).float()
+            if guided:
+                cond, uncond = logits.chunk(2)
+                logits = uncond + config.guidance * (cond - uncond)
+            scores = logits / config.temperature
+            if config.top_k is not None:
+                kth = torch.topk(scores, config.top_k, dim=-1).values[:, -1:]
+                scores = scores.masked_fill(scores < kth, float("-inf"))
+            probs = torch.softmax(scores, dim=-1)
+            token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(ids.device)
+            tokens[:, i] = token
+            logprobs[:, i] = torch.log_softmax(logits / config.temperature, -1).gather(-1, token[:, None]).squeeze(-1)
+            if guided:
+                lp_c = torch.log_softmax(cond, -1).gather(-1, token[:, None]).squeeze(-1)
+                lp_u = torch.log_softmax(uncond, -1).gather(-1, token[:, None]).squeeze(-1)
+                margin += lp_c - lp_u
+            if i == self.num_image_tokens - 1:
+                break
+            step = token.repeat(2) if guided else token
+            embeds = core.prepare_embeddings_for_image_generation(step[:, None])
+            mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
+            position = position + 1
+            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
+                     past_key_values=cache, use_cache=True)
+        margin = margin / self.num_image_tokens if guided else torch.full_like(margin, math.nan)
+        return tokens, margin, logprobs
+
+    @torch.no_grad()
+    def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
+        images = []
+        for chunk in tokens.split(64):
+            pixels = self.core.decode_image_tokens(chunk.to(self.device)).float()
+            pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
+            images.extend(Image.fromarray(np.ascontiguousarray(p)) for p in pixels)
+        return images
+
+    # ------------------------------------------------------------------------------------------ understanding
+    def _understanding_inputs(self, images, questions):
+        texts = [self.format_question(q) for q in questions]
+        images = [im.convert("RGB") for im in images]
+        enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
+        return {k: v.to(self.device) for k, v in enc.items()}
+
+    @torch.no_grad()
+    def yes_probability(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
+        if len(images) != len(questions):
+            raise ValueError(f"yes_probability got {len(images)} images but {len(questions)} questions.")
+        if not self._yes_ids or not self._no_ids:
+            raise ValueError("The tokenizer has no single-token 'yes'/'no'; the logits judge cannot be used.")
+        out = []
+        for start in range(0, len(images), self.understanding_batch_size):
+            sl = slice(start, start + self.understanding_batch_size)
+            enc = self._understanding_inputs(images[sl], questions[sl])
+            logits = self.core(**enc, logits_to_keep=1).logits[:, -1].float()
+            yes = torch.logsumexp(logits[:, self._yes_ids], dim=-1)
+            no = torch.logsumexp(logits[:, self._no_ids], dim=-1)
+            out.append(torch.sigmoid(yes - no).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    @torch.no_grad()
+    def answer(self, images, questions, max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
+        if len(images) != len(questions):
+            raise ValueError(f"answer got {len(images)} images but {len(questions)} questions.")
+        tokenizer = self.processor.tokenizer
+        answers = []
+        for start in range(0, len(images), self.understanding_batch_size):
+            sl = slice(start, start + self.understanding_batch_size)
+            enc = self._understanding_inputs(images[sl], questions[sl])
+            sampling = {"do_sample": True, "temperature": temperature} if temperature > 0 else {"do_sample": False}
+            out = self.core.generate(**enc, max_new_tokens=max_new_tokens, pad_token_id=tokenizer.pad_token_id, **sampling)
+            new = out[:, enc["input_ids"].shape[1] :]
+            answers.extend(tokenizer.batch_decode(new, skip_special_tokens=True))
+        return answers
+
+    # ---------------------------------------------------------------------------------------------- training
+    def _policy_logits(self, prompts, rollout: Rollout, loss_guidance: str, text_dropout: float):
+        ids, mask = self.tokenize_prompts(prompts)
+        tokens = rollout.tokens.to(ids.device)
+        if loss_guidance == "guided" and rollout.guidance != 1.0:
+            both = torch.cat([ids, self.unconditional_ids(ids)])
+            logits = self.image_logits(both, torch.cat([mask, mask]), torch.cat([tokens, tokens])).float()
+            cond, uncond = logits.chunk(2)
+            logits = uncond + rollout.guidance * (cond - uncond)
+        elif loss_guidance in ("guided", "conditional"):
+            if text_dropout > 0:
+                drop = torch.rand(ids.shape[0], device=ids.device) < text_dropout
+                ids = torch.where(drop[:, None], self.unconditional_ids(ids), ids)
+            logits = self.image_logits(ids, mask, tokens).float()
+        else:
+            raise ValueError(f"loss_guidance must be 'guided' or 'conditional', got {loss_guidance!r}.")
+        return logits / rollout.temperature, tokens
+
+    def token_losses(self, prompts, rollout, loss_guidance="guided", text_dropout=0.0):
+        logits, tokens = self._policy_logits(prompts, rollout, loss_guidance, text_dropout)
+        return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
+
+    def token_logprobs(self, prompts, rollout):
+        logits, tokens = self._policy_logits(prompts, rollout, "guided", 0.0)
+        return torch.log_softmax(logits, -1).gather(-1, tokens[..., None]).squeeze(-1)
+
+    @torch.no_grad()
+    def guidance_margin(self, prompts: list[str], rollout: Rollout) -> torch.Tensor:
+        """Per image, the mean of log p_cond - log p_uncond over its tokens, recomputed under the current model."""
+        ids, mask = self.tokenize_prompts(prompts)
+        tokens = rollout.tokens.to(ids.device)
+        both = torch.cat([ids, self.unconditional_ids(ids)])
+        logp = torch.log_softmax(self.image_logits(both, torch.cat([mask, mask]), torch.cat([tokens, tokens])).float(), -1)
+        logp = logp.gather(-1, torch.cat([tokens, tokens])[..., None]).squeeze(-1)
+        cond, uncond = logp.chunk(2)
+        return (cond - uncond).mean(-1).cpu()
+
+    # --------------------------------------------------------------------------------------------- adapters
+    def default_lora_targets(self) -> str:
+        """A PEFT `target_modules` regex selecting the language model's attention and MLP projections."""
+        return r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"

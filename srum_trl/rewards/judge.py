@@ -1,0 +1,237 @@
+"""The model judges its own images: a global score and region scores, turned into dense [`RewardMap`]s.
+
+Two modes:
+
+- `"logits"` (fast): one forward pass per (image, question); score = 2 * P(yes) - 1, with P(yes) the next-token
+  probability of "yes" renormalised against "no".
+- `"text"` (the SRUM paper's): the model writes an answer containing `Score: x`; x is parsed (after any
+  `</think>`), clamped to [-1, 1]; unparseable answers are retried with sampling, then count as neutral 0 and are
+  counted in `stats["unparsed"]`.
+
+Regions come from a [`RegionProposer`]; each region is shown to the judge as a crop (`region_view="crop"`,
+default) or as the whole image with the box written in the question (`region_view="box"`, the paper's way).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import re
+from collections import Counter
+from typing import Callable
+
+import torch
+from PIL import Image
+
+from .reward_map import RewardMap, Region
+from .regions import GridProposer, RegionProposer, build_proposer
+
+SCORE_SCALE = (
+    "Scale: 1.0 perfect; 0.5 to 0.9 very good with minor flaws; -0.4 to 0.4 neutral or mixed (an irrelevant but "
+    "harmless background is 0); -0.9 to -0.5 bad or badly rendered; -1.0 contradicts the prompt."
+)
+
+DEFAULT_QUESTIONS = {
+    ("logits", "global"): 'Does this image match the description "{prompt}"? Answer yes or no.',
+    ("logits", "local"): 'Does this part of an image for "{prompt}" show what the description asks for, well '
+    "rendered? Answer yes or no.",
+    ("text", "global"): 'Judge how well this image matches the description "{prompt}": its objects, attributes, '
+    "counts and layout. " + SCORE_SCALE + " Reply with one line `Score: x`, x between -1.0 and 1.0.",
+    ("text", "local"): 'The image was generated for "{prompt}". Judge the region {box} (x0, y0, x1, y1 in pixels): '
+    "does it show something the description asks for, and is it rendered well? "
+    + SCORE_SCALE
+    + " Reply with one line `Score: x`, x between -1.0 and 1.0.",
+}
+
+_SCORE_RE = re.compile(r"score\s*[:=]\s*\**\s*([-+]?(?:\d+\.?\d*|\.\d+))", re.IGNORECASE)
+
+
+def parse_score(text: str) -> float | None:
+    """The last `Score: x` in `text` (after any `</think>`), clamped to [-1, 1]; None if there is none."""
+    text = text.split("</think>")[-1]
+    matches = _SCORE_RE.findall(text)
+    if not matches:
+        return None
+    value = float(matches[-1])
+    if not math.isfinite(value):
+        return None
+    return max(-1.0, min(1.0, value))
+
+
+@contextlib.contextmanager
+def _eval_mode(model: torch.nn.Module):
+    was_training = model.training
+    model.eval()
+    try:
+        yield
+    finally:
+        if was_training:
+            model.train()
+
+
+class UMMJudgeRewardFunction:
+    """Reward function in which a UMM judges images: scalar rewards (TRL's signature) and dense reward maps.
+
+    Args:
+        backend: the judging [`UMMBackend`]. `None`: the trainer binds its own policy model (see `frozen`).
+        mode: "logits" or "text" (see the module docs).
+        region_proposer: a proposer, or "grid" / "sam" / "none".
+        region_grid: cells per side of the default grid proposer.
+        map_rule: "srum" (default), "signed", or a function (see `reward_map`).
+        use_global / use_local: turn the global or the local judge off (the paper's ablations). Without the global
+            judge the map uses g = 1; without the local judge there are no regions.
+        global_question: template with `{prompt}`, or `fn(prompt) -> str`. Default depends on `mode`.
+        local_question: template with `{prompt}` (and `{box}` for `region_view="box"`), or
+            `fn(prompt) -> list[str]`: several questions per region, the region's score is their maximum.
+        region_view: "crop" or "box".
+        frozen: judge with the model's frozen starting point (LoRA adapters disabled) when it is a PEFT model.
+        max_retries: text mode, re-asks (with sampling) when no score can be parsed.
+        max_new_tokens: text mode, answer length.
+        downsample_mode: "bilinear" (the reference's) or "area" (exact cell means) map-to-token-grid downsampling.
+    """
+
+    def __init__(
+        self,
+        backend=None,
+        mode: str = "logits",
+        region_proposer: RegionProposer | str = "grid",
+        region_grid: int = 2,
+        map_rule: str | Callable = "srum",
+        use_global: bool = True,
+        use_local: bool = True,
+        global_question: str | Callable[[str], str] | None = None,
+        local_question: str | Callable[[str], list[str]] | None = None,
+        region_view: str = "crop",
+        frozen: bool = True,
+        max_retries: int = 2,
+        max_new_tokens: int = 64,
+        downsample_mode: str = "bilinear",
+        name: str = "umm_judge",
+    ):
+        if mode not in ("logits", "text"):
+            raise ValueError(f"mode must be 'logits' or 'text', got {mode!r}.")
+        if region_view not in ("crop", "box"):
+            raise ValueError(f"region_view must be 'crop' or 'box', got {region_view!r}.")
+        if not (use_global or use_local):
+            raise ValueError("use_global and use_local are both False: the judge would score nothing.")
+        self.backend = backend
+        self.mode = mode
+        if isinstance(region_proposer, str):
+            region_proposer = build_proposer(region_proposer, grid=region_grid)
+        self.region_proposer = region_proposer or GridProposer(region_grid)
+        self.map_rule = map_rule
+        self.use_global, self.use_local = use_global, use_local
+        self.global_question = global_question or DEFAULT_QUESTIONS[(mode, "global")]
+        self.local_question = local_question or DEFAULT_QUESTIONS[(mode, "local")]
+        self.region_view = region_view
+        self.frozen = frozen
+        self.max_retries = max_retries
+        self.max_new_tokens = max_new_tokens
+        self.downsample_mode = downsample_mode
+        self.__name__ = name
+        self.stats: Counter = Counter()
+
+    def bind(self, backend) -> "UMMJudgeRewardFunction":
+        """Use `backend` as the judge if none was given at construction."""
+        if self.backend is None:
+            self.backend = backend
+        return self
+
+    # --------------------------------------------------------------------------------------------- questions
+    def _global_question(self, prompt: str) -> str:
+        q = self.global_question
+        return q(prompt) if callable(q) else q.format(prompt=prompt)
+
+    def _local_questions(self, prompt: str, box) -> list[str]:
+        q = self.local_question
+        if callable(q):
+            out = q(prompt)
+            return [out] if isinstance(out, str) else list(out)
+        return [q.format(prompt=prompt, box=list(box))]
+
+    # ---------------------------------------------------------------------------------------------- scoring
+    def _scores(self, images: list[Image.Image], questions: list[str]) -> list[float]:
+        if not questions:
+            return []
+        if self.mode == "logits":
+            return (2.0 * self.backend.yes_probability(images, questions) - 1.0).tolist()
+        answers = self.backend.answer(images, questions, max_new_tokens=self.max_new_tokens)
+        scores = [parse_score(a) for a in answers]
+        for attempt in range(self.max_retries):
+            todo = [i for i, s in enumerate(scores) if s is None]
+            if not todo:
+                break
+            self.stats["retries"] += len(todo)
+            again = self.backend.answer([images[i] for i in todo], [questions[i] for i in todo],
+                                        max_new_tokens=self.max_new_tokens, temperature=0.7)
+            for i, a in zip(todo, again):
+                scores[i] = parse_score(a)
+        unparsed = sum(s is None for s in scores)
+        self.stats["unparsed"] += unparsed
+        return [0.0 if s is None else s for s in scores]
+
+    def judge(
+        self,
+        images: list[Image.Image],
+        prompts: list[str],
+        grid: tuple[int, int] | None = None,
+        global_scores: list[float] | None = None,
+    ) -> list[RewardMap]:
+        """Score each image against its prompt and build its reward map on `grid` (default: the backend's).
+
+        `global_scores`, when given, are used as the global scores instead of asking the global question.
+        """
+        if self.backend is None:
+            raise ValueError("This UMMJudgeRewardFunction has no backend: pass one, or use it inside a trainer.")
+        if len(images) != len(prompts):
+            raise ValueError(f"judge got {len(images)} images but {len(prompts)} prompts.")
+        grid = grid or self.backend.token_grid
+        if global_scores is not None and len(global_scores) != len(images):
+            raise ValueError(f"judge got {len(global_scores)} global scores for {len(images)} images.")
+        q_images, questions, owners = [], [], []  # owner: (image index, region index or -1)
+        boxes_per_image = []
+        for i, (image, prompt) in enumerate(zip(images, prompts)):
+            if self.use_global and global_scores is None:
+                q_images.append(image)
+                questions.append(self._global_question(prompt))
+                owners.append((i, -1))
+            boxes = list(self.region_proposer(image, prompt)) if self.use_local else []
+            boxes_per_image.append(boxes)
+            for k, box in enumerate(boxes):
+                view = image.crop(tuple(box)) if self.region_view == "crop" else image
+                for question in self._local_questions(prompt, box):
+                    q_images.append(view)
+                    questions.append(question)
+                    owners.append((i, k))
+        model = self.backend.model
+        frozen = self.backend.frozen() if (self.frozen and hasattr(self.backend, "frozen")) else contextlib.nullcontext()
+        with torch.no_grad(), _eval_mode(model), frozen:
+            scores = self._scores(q_images, questions)
+        self.stats["questions"] += len(questions)
+        asked: dict[int, float] = dict(enumerate(global_scores)) if global_scores is not None else {}
+        local: dict[tuple[int, int], float] = {}
+        for (i, k), s in zip(owners, scores):
+            if k < 0:
+                asked[i] = s
+            else:
+                local[(i, k)] = max(s, local.get((i, k), -math.inf))
+        maps = []
+        for i, image in enumerate(images):
+            regions = [Region(tuple(b), local[(i, k)]) for k, b in enumerate(boxes_per_image[i])]
+            maps.append(
+                RewardMap.from_scores(image.size, grid, asked.get(i), regions, self.map_rule, self.downsample_mode)
+            )
+        return maps
+
+    @staticmethod
+    def scalar(reward_map: RewardMap) -> float:
+        """The scalar reward of a map: the global score, or the mean local score without a global judge."""
+        if reward_map.global_score is not None:
+            return float(reward_map.global_score)
+        scores = reward_map.local_scores
+        return float(sum(scores) / len(scores)) if scores else 0.0
+
+    def __call__(self, prompts: list[str], completions: list[Image.Image], **kwargs) -> list[float]:
+        """TRL's reward-function signature: `completions` are the generated images; returns one float each."""
+        maps = self.judge(list(completions), list(prompts))
+        return [self.scalar(m) for m in maps]

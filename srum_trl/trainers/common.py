@@ -1,0 +1,110 @@
+"""Pieces shared by the self-rewarding trainers: model and judge resolution, input checks, reward checks."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+
+from ..data.rollouts import is_rollout_dataset
+from ..models import UMMBackend, load_backend
+from ..rewards import UMMJudgeRewardFunction
+
+
+def resolve_backend(model, args, processing_class=None, peft_config=None) -> UMMBackend:
+    """A backend for `model` (path, model object or backend), with a PEFT adapter added when `peft_config` is given."""
+    init_kwargs = dict(args.model_init_kwargs or {})
+    if not isinstance(model, (str, bytes)) and init_kwargs:
+        raise ValueError("model_init_kwargs only apply when `model` is a path; the model object is already built.")
+    backend = load_backend(model, processor=processing_class, **init_kwargs)
+    if processing_class is not None:
+        backend.processor = processing_class
+    if peft_config is not None:
+        from peft import get_peft_model
+
+        if hasattr(backend.model, "peft_config"):
+            raise ValueError("`model` already has PEFT adapters; pass peft_config=None to train them as they are.")
+        if getattr(peft_config, "target_modules", None) is None and hasattr(backend, "default_lora_targets"):
+            peft_config.target_modules = backend.default_lora_targets()
+        backend.model = get_peft_model(backend.model, peft_config)
+    return backend
+
+
+def resolve_judge(reward_funcs, args, backend) -> tuple[UMMJudgeRewardFunction, list]:
+    """Split `reward_funcs` into the judge that makes reward maps and plain TRL-style reward callables.
+
+    `None` builds the default judge from the config (`judge_mode`, `region_proposer`, ...), judging with the
+    training model itself.
+    """
+    if reward_funcs is None:
+        reward_funcs = []
+    elif not isinstance(reward_funcs, (list, tuple)):
+        reward_funcs = [reward_funcs]
+    judges = [f for f in reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
+    others = [f for f in reward_funcs if not isinstance(f, UMMJudgeRewardFunction)]
+    for f in others:
+        if not callable(f):
+            raise ValueError(f"reward_funcs entries must be callables or UMMJudgeRewardFunction, got {f!r}.")
+    if len(judges) > 1:
+        raise ValueError("Pass at most one UMMJudgeRewardFunction in reward_funcs: it makes the reward maps.")
+    if judges:
+        judge = judges[0]
+    else:
+        judge = UMMJudgeRewardFunction(
+            mode=args.judge_mode,
+            region_proposer=args.region_proposer,
+            region_grid=args.region_grid,
+            map_rule=args.map_rule,
+            downsample_mode=args.map_downsample,
+            use_global=args.use_global_reward,
+            use_local=args.use_local_reward,
+            frozen=args.judge_frozen,
+        )
+    return judge.bind(backend), others
+
+
+def check_train_dataset(dataset, name: str = "train_dataset") -> None:
+    """Raise early, naming the field, when a dataset cannot feed a trainer."""
+    if dataset is None:
+        return
+    columns = getattr(dataset, "column_names", None)
+    if columns is None:
+        raise ValueError(f"{name} must be a datasets.Dataset with a 'prompt' column, got {type(dataset).__name__}.")
+    if "prompt" not in columns:
+        raise ValueError(
+            f"{name} has no 'prompt' column (columns: {columns}); rename your text column, e.g. "
+            "dataset.rename_column('text', 'prompt')."
+        )
+    if len(dataset) == 0:
+        raise ValueError(f"{name} is empty.")
+    if not is_rollout_dataset(dataset):
+        for i, prompt in enumerate(dataset["prompt"]):
+            if not isinstance(prompt, str) or not prompt.strip():
+                raise ValueError(f"{name}['prompt'][{i}] is empty or not a string ({prompt!r}).")
+
+
+def check_rewards(values, expected: int, name: str) -> list[float]:
+    """Validate the output of a reward function: `expected` finite numbers (None / NaN allowed, masked later)."""
+    if values is None or len(values) != expected:
+        got = "None" if values is None else len(values)
+        raise ValueError(f"Reward function {name!r} returned {got} values for {expected} images; return one each.")
+    out = []
+    for i, v in enumerate(values):
+        v = float("nan") if v is None else float(v)
+        if math.isinf(v):
+            raise ValueError(f"Reward function {name!r} returned {v} for image {i}; rewards must be finite.")
+        out.append(v)
+    return out
+
+
+def func_name(f) -> str:
+    return getattr(f, "__name__", None) or type(f).__name__
+
+
+def masked_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
+    """Mean of `values` (optionally weighted elementwise) over all finite entries."""
+    finite = torch.isfinite(values)
+    values = torch.where(finite, values, torch.zeros_like(values))
+    if weights is not None:
+        values = values * weights
+    return values.sum() / finite.sum().clamp(min=1)

@@ -1,0 +1,155 @@
+"""Configuration of [`SRUMTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.trainer.base_config import _BaseConfig
+
+_LOSS_GUIDANCE = ("guided", "conditional")
+_JUDGE_MODES = ("logits", "text")
+
+
+@dataclass
+class SRUMConfig(_BaseConfig):
+    r"""
+    Configuration class for [`SRUMTrainer`] (SRUM, arXiv 2510.12784): the model generates images for prompts,
+    judges them with its own understanding side into dense reward maps R, and trains on its own images with the
+    loss `mean over image tokens of (R + constraint_weight) * per-token generation loss`.
+
+    Defaults follow the paper's reference scripts where they apply: AdamW, lr 2e-5, betas (0.9, 0.95), weight decay
+    0, constant schedule with 100 warmup steps, gradient clipping 1.0, lambda 0.5.
+
+    Every field is also a command-line flag of `srum-trl train` (TRL's parser). Besides these, all
+    [`~transformers.TrainingArguments`] fields apply.
+
+    Parameters:
+        model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments for the model's `from_pretrained` when `model` is a path: `dtype` ("bfloat16",
+            "float32", "auto"), `attn_implementation` ("sdpa" by default, "flash_attention_2" when flash-attn is
+            installed), ... A JSON string is accepted on the command line.
+        guidance_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale w of the rollouts (1.0: no guidance).
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the rollouts.
+        top_k (`int`, *optional*):
+            Sample only among the k most likely image tokens (None: all).
+        generation_batch_size (`int`, *optional*):
+            Images per generation forward batch; defaults to the size of one generation round.
+        steps_per_generation (`int`, *optional*, defaults to `1`):
+            Rollouts are made by the current policy for this many micro-steps at once, then consumed slice by
+            slice (TRL's name): the refresh period of on-the-fly rollouts.
+        constraint_weight (`float`, *optional*, defaults to `0.5`):
+            lambda, the unweighted term of the loss weight `R + lambda`: it keeps the model near its own outputs and
+            guards against reward hacking.
+        loss_guidance (`str`, *optional*, defaults to `"guided"`):
+            Which prediction the loss trains. "guided": the guided logits u + w (c - u) that sampled the tokens
+            (safe with refreshed rollouts); "conditional": the conditional prediction alone (the paper's loss, for
+            one-shot offline use: training it on CFG samples and sampling with CFG again compounds the guidance).
+        text_dropout (`float`, *optional*):
+            Probability of dropping a prompt in the conditional-only loss, so that the unconditional prediction
+            keeps being trained. Defaults to 0.1 with `loss_guidance="conditional"` and 0.0 with "guided".
+        judge_mode (`str`, *optional*, defaults to `"logits"`):
+            "logits" (score = 2 P(yes) - 1, one forward pass) or "text" (the paper's `Score: x` answers).
+        region_proposer (`str`, *optional*, defaults to `"grid"`):
+            Where local scores are taken: "grid", "sam" (needs a SAM checkpoint) or "none".
+        region_grid (`int`, *optional*, defaults to `2`):
+            Cells per side of the grid proposer.
+        map_rule (`str`, *optional*, defaults to `"srum"`):
+            How scores become the reward map: "srum" (the paper's) or "signed" (bad regions push away).
+        map_downsample (`str`, *optional*, defaults to `"bilinear"`):
+            How the pixel map becomes token weights: "bilinear" (the paper's: the value at each token's center) or
+            "area" (the mean over the pixels a token covers, so boxes smaller than a token still count).
+        use_global_reward (`bool`, *optional*, defaults to `True`):
+            Ask the global question (off: the map uses g = 1; the paper's local-only ablation).
+        use_local_reward (`bool`, *optional*, defaults to `True`):
+            Score regions (off: a uniform map scaled by g; the paper's global-only ablation).
+        judge_frozen (`bool`, *optional*, defaults to `True`):
+            With a PEFT model, judge with the adapters disabled (the frozen starting point) rather than the policy.
+        save_reward_maps (`int`, *optional*, defaults to `0`):
+            At every logging step, save this many pictures (image beside its reward map) under
+            `output_dir/reward_maps/`.
+    """
+
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    # Defaults of the paper's reference scripts
+    learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
+    lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule."})
+    warmup_steps: float = field(default=100, metadata={"help": "Linear warmup steps (a float < 1: a ratio)."})
+    max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (alias of "
+                  "activation_checkpointing; off by default)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: the trainer reads `prompt` and rollout columns."}
+    )
+
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of the model's from_pretrained (dtype, attn_implementation, ...)."},
+    )
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of the rollouts (1.0: none)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample among the k most likely tokens."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Images per generation forward batch (default: one generation round)."}
+    )
+    steps_per_generation: int = field(
+        default=1, metadata={"help": "Micro-steps served by one round of rollouts (their refresh period)."}
+    )
+    constraint_weight: float = field(
+        default=0.5, metadata={"help": "lambda in the loss weight R + lambda (keeps the model near its outputs)."}
+    )
+    loss_guidance: str = field(
+        default="guided",
+        metadata={"help": "'guided': train the guided logits that sampled; 'conditional': the paper's loss."},
+    )
+    text_dropout: float | None = field(
+        default=None, metadata={"help": "Prompt dropout of the conditional loss (default 0.1; 0 when guided)."}
+    )
+    judge_mode: str = field(default="logits", metadata={"help": "'logits' (2 P(yes) - 1) or 'text' (Score: x)."})
+    region_proposer: str = field(default="grid", metadata={"help": "'grid', 'sam' or 'none'."})
+    region_grid: int = field(default=2, metadata={"help": "Cells per side of the grid proposer."})
+    map_rule: str = field(default="srum", metadata={"help": "'srum' (the paper's) or 'signed'."})
+    map_downsample: str = field(default="bilinear", metadata={"help": "'bilinear' (the paper's) or 'area'."})
+    use_global_reward: bool = field(default=True, metadata={"help": "Ask the global question."})
+    use_local_reward: bool = field(default=True, metadata={"help": "Score regions."})
+    judge_frozen: bool = field(default=True, metadata={"help": "Judge with LoRA adapters disabled."})
+    save_reward_maps: int = field(
+        default=0, metadata={"help": "Reward-map pictures saved per logging step under output_dir/reward_maps."}
+    )
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or self.use_cpu
+        super().__post_init__()
+        if self.loss_guidance not in _LOSS_GUIDANCE:
+            raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
+        if self.judge_mode not in _JUDGE_MODES:
+            raise ValueError(f"judge_mode must be one of {_JUDGE_MODES}, got {self.judge_mode!r}.")
+        if self.text_dropout is None:
+            self.text_dropout = 0.1 if self.loss_guidance == "conditional" else 0.0
+        if not 0.0 <= self.text_dropout < 1.0:
+            raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}.")
+        if self.guidance_scale <= 0:
+            raise ValueError(f"guidance_scale must be > 0 (1.0 disables guidance), got {self.guidance_scale}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.steps_per_generation < 1:
+            raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}.")
+        if self.constraint_weight < 0:
+            raise ValueError(f"constraint_weight (lambda) must be >= 0, got {self.constraint_weight}.")
+        if not (self.use_global_reward or self.use_local_reward):
+            raise ValueError("use_global_reward and use_local_reward are both False: nothing would be judged.")

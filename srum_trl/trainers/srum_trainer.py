@@ -1,0 +1,281 @@
+"""SRUMTrainer: self-rewarding fine-tuning of a unified multimodal model (SRUM, arXiv 2510.12784).
+
+One step, linear:
+  1. rollouts: the current policy generates an image for each prompt (or a stored rollout dataset is read);
+  2. judging: the judge (by default the model's own understanding side) scores each image globally and per region
+     and turns the scores into a reward map R on the token grid;
+  3. loss: `mean over image tokens of (R + lambda) * per-token generation loss`, the per-token loss coming from the
+     backend (cross-entropy of image tokens on the logits that sampled them, by default).
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import time
+from collections import defaultdict
+
+import torch
+from torch.utils.data import Sampler
+from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import RepeatSampler
+
+from ..data.rollouts import is_rollout_dataset, rows_to_rollout
+from ..models import GenerationConfig
+from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
+from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
+from .srum_config import SRUMConfig
+
+_CITATION = """\
+@article{jin2025srum,
+    title   = {{SRUM: Fine-Grained Self-Rewarding for Unified Multimodal Models}},
+    author  = {Weiyang Jin and Yuwei Niu and Jiaqi Liao and Chengqi Duan and Aoxue Li and Shenghua Gao and Xihui Liu},
+    journal = {arXiv preprint arXiv:2510.12784},
+    year    = {2025}
+}"""
+
+
+def _identity_collator(features):
+    return features
+
+
+class SRUMTrainer(_BaseTrainer):
+    """Trainer for SRUM, on TRL's trainer base (logging, checkpoints, model cards, `push_to_hub`).
+
+    Args:
+        model: a model folder / Hub id, a `PreTrainedModel` of a supported family, or a [`UMMBackend`].
+        reward_funcs: `None` (the model judges itself with the config's judge settings), a
+            [`UMMJudgeRewardFunction`] (e.g. another model as judge), or a list holding at most one judge plus plain
+            callables with TRL's signature `(prompts, completions, **kwargs) -> list[float]`, whose mean (values in
+            [-1, 1]) replaces the judge's global score; the judge then only scores regions.
+        args: an [`SRUMConfig`].
+        train_dataset: a `datasets.Dataset` with a "prompt" column (rollouts made on the fly), or a rollout
+            dataset written by `srum_trl.data.build_rollouts` / `srum-trl rollout` (the paper's offline pipeline).
+        eval_dataset: prompts for `evaluate()`: loss and rewards of fresh rollouts.
+        processing_class: the processor, when `model` is a model object.
+        callbacks, optimizers: as in `transformers.Trainer`.
+        peft_config: a PEFT config; the model is wrapped with `get_peft_model` and only adapters train.
+    """
+
+    _tag_names = ["trl", "srum", "srum-trl", "self-rewarding", "text-to-image"]
+    _name = "SRUM"
+    _paper = {
+        "title": "SRUM: Fine-Grained Self-Rewarding for Unified Multimodal Models",
+        "id": "2510.12784",
+        "citation": _CITATION,
+    }
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: SRUMConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = SRUMConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-SRUM")
+        if not isinstance(args, SRUMConfig):
+            raise ValueError(f"args must be an SRUMConfig, got {type(args).__name__}.")
+        check_train_dataset(train_dataset)
+        check_train_dataset(eval_dataset, "eval_dataset")
+        self.backend = resolve_backend(model, args, processing_class, peft_config)
+        self.judge, self.reward_funcs = resolve_judge(reward_funcs, args, self.backend)
+        self.offline = train_dataset is not None and is_rollout_dataset(train_dataset)
+        if self.offline and tuple(train_dataset[0]["grid"]) != tuple(self.backend.token_grid):
+            raise ValueError(
+                f"train_dataset holds rollouts on a {tuple(train_dataset[0]['grid'])} token grid but the model "
+                f"generates on {tuple(self.backend.token_grid)}: it was made with another model."
+            )
+        if self.offline and "image" in train_dataset.column_names:
+            train_dataset = train_dataset.remove_columns("image")  # training reads tokens and maps only
+        self.generation = GenerationConfig(
+            guidance=args.guidance_scale,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            batch_size=args.generation_batch_size or args.per_device_train_batch_size * args.steps_per_generation,
+        )
+        super().__init__(
+            model=self.backend.model,
+            args=args,
+            data_collator=_identity_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=self.backend.processor,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        self._step = 0
+        self._buffer: list[dict] | None = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._last_round: tuple | None = None
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # One dataloader batch = one generation round (per-device batch x steps_per_generation prompts), repeated
+        # steps_per_generation times so that the Trainer's step count stays right; `_prepare_inputs` slices it.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None) -> Sampler:
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=1,
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            repeat_count=self.args.steps_per_generation,
+            shuffle=True,
+            seed=self.args.seed,
+        )
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def _judge(self, rollout, mode: str) -> tuple[list[RewardMap], list[float]]:
+        prompts, images = rollout.prompts, rollout.images
+        metrics = self._metrics[mode]
+        global_scores = None
+        if self.reward_funcs:
+            per_func = []
+            for f in self.reward_funcs:
+                values = check_rewards(f(prompts=prompts, completions=images), len(images), func_name(f))
+                for v in values:
+                    if not math.isnan(v) and not -1.0 <= v <= 1.0:
+                        raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
+                metrics[f"rewards/{func_name(f)}/mean"].append(_nanmean(values))
+                per_func.append(values)
+            global_scores = [_nanmean(list(col)) for col in zip(*per_func)]
+            global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
+        unparsed_before = self.judge.stats["unparsed"]
+        maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores)
+        rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
+        metrics[f"rewards/{func_name(self.judge)}/mean"].append(_nanmean(rewards))
+        if self.judge.mode == "text":
+            metrics["judge/unparsed"].append(float(self.judge.stats["unparsed"] - unparsed_before))
+        return maps, rewards
+
+    def _make_round(self, batch: list[dict], mode: str) -> dict:
+        """Generate (or read) and judge one round of rollouts; log its statistics."""
+        metrics = self._metrics[mode]
+        if self.offline and mode == "train":
+            columns = {k: [row[k] for row in batch] for k in batch[0]}
+            rollout, weights = rows_to_rollout(columns)
+            rewards = [float(r) for r in columns.get("reward", [math.nan] * len(batch))]
+            maps = None
+        else:
+            prompts = [row["prompt"] for row in batch]
+            t0 = time.perf_counter()
+            seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self._step + self.args.process_index
+            rollout = self.backend.generate(prompts, self.generation, seed=seed)
+            t1 = time.perf_counter()
+            maps, rewards = self._judge(rollout, mode)
+            metrics["timing/generate_s"].append(t1 - t0)
+            metrics["timing/judge_s"].append(time.perf_counter() - t1)
+            weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
+            self._last_round = (rollout, maps)
+            if rollout.guidance_margin is not None:
+                metrics["guidance_margin"].append(_nanmean(rollout.guidance_margin.tolist()))
+            _log_map_stats(metrics, maps)
+        metrics["reward"].append(_nanmean(rewards))
+        metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
+        metrics["srum/token_weight"].append(float(weights.mean()))
+        return {"rollout": rollout, "weights": weights}
+
+    def _prepare_inputs(self, batch):
+        mode = "train" if self.model.training else "eval"
+        if mode == "eval":
+            return self._make_round(batch, mode)
+        spg = self.args.steps_per_generation
+        if self._step % spg == 0 or self._buffer is None:
+            round_ = self._make_round(batch, mode)
+            rollout, weights = round_["rollout"], round_["weights"]
+            size = math.ceil(len(rollout) / spg)
+            self._buffer = [
+                {"rollout": rollout.select(slice(i, i + size)), "weights": weights[i : i + size]}
+                for i in range(0, len(rollout), size)
+            ]
+        return self._buffer[self._step % len(self._buffer)]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        out = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return out
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        rollout, weights = inputs["rollout"], inputs["weights"]
+        dropout = self.args.text_dropout if model.training else 0.0
+        per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.loss_guidance, dropout)
+        weight = weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight
+        loss = (weight * per_token).mean()
+        mode = "train" if model.training else "eval"
+        self._metrics[mode]["srum/token_loss"].append(float(per_token.detach().mean()))
+        return (loss, None) if return_outputs else loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            logs[prefix + key] = _nanmean(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+        if self.args.save_reward_maps and self._last_round is not None and self.is_world_process_zero():
+            self._save_reward_maps()
+
+    def _save_reward_maps(self) -> None:
+        rollout, maps = self._last_round
+        folder = os.path.join(self.args.output_dir, "reward_maps")
+        os.makedirs(folder, exist_ok=True)
+        for i in range(min(self.args.save_reward_maps, len(maps))):
+            picture = render_reward_map(rollout.images[i], maps[i], rollout.prompts[i])
+            picture.save(os.path.join(folder, f"step{self.state.global_step:06d}_{i}.png"))
+
+    # ---------------------------------------------------------------------------------------------- saving
+    def _save_checkpoint(self, model, trial):
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
+            os.path.normpath(self.args.output_dir))
+        self.create_model_card(model_name=name)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; if it fails after some optimizer steps, the weights reached so far are saved to
+        `output_dir/interrupted-step-N` before the error propagates, so no progress is lost."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            if self.state.global_step > 0 and self.is_world_process_zero():
+                self.save_model(os.path.join(self.args.output_dir, f"interrupted-step-{self.state.global_step}"))
+            raise
+
+
+def _nanmean(values) -> float:
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def _log_map_stats(metrics, maps: list[RewardMap]) -> None:
+    g = [m.global_score for m in maps if m.global_score is not None]
+    local = [s for m in maps for s in m.local_scores]
+    if g:
+        metrics["srum/global_score"].append(sum(g) / len(g))
+    if local:
+        metrics["srum/local_score"].append(sum(local) / len(local))

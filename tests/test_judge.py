@@ -1,0 +1,99 @@
+"""The judge: logits mode on the tiny model, text mode parsing/retries, frozen judging with LoRA."""
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from srum_trl import UMMJudgeRewardFunction
+from srum_trl.rewards import CallableProposer, GridProposer
+
+
+def _images(n, size=32):
+    rng = np.random.default_rng(0)
+    return [Image.fromarray(rng.integers(0, 255, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def test_logits_judge_scores_are_2p_minus_1(tiny_backend):
+    judge = UMMJudgeRewardFunction(tiny_backend, region_proposer=GridProposer(2))
+    images, prompts = _images(2), ["a red circle", "a blue square"]
+    maps = judge.judge(images, prompts)
+    p_global = tiny_backend.yes_probability(images, [judge._global_question(p) for p in prompts])
+    for m, p in zip(maps, p_global):
+        assert m.global_score == pytest.approx(2 * p.item() - 1, abs=1e-5)
+        assert len(m.regions) == 4 and m.token_map.shape == (4, 4)
+    crop = images[0].crop(maps[0].regions[1].box)
+    p_local = tiny_backend.yes_probability([crop], [judge._local_questions(prompts[0], maps[0].regions[1].box)[0]])
+    assert maps[0].regions[1].score == pytest.approx(2 * p_local.item() - 1, abs=1e-5)
+    assert judge(prompts=prompts, completions=images) == pytest.approx([m.global_score for m in maps])
+
+
+def test_local_question_callable_takes_max(tiny_backend):
+    judge = UMMJudgeRewardFunction(
+        tiny_backend,
+        use_global=False,
+        region_proposer=CallableProposer(lambda image, prompt: [(0, 0, 16, 16)]),
+        local_question=lambda prompt: ["is there a red circle here", "is there a blue square here"],
+    )
+    image = _images(1)[0]
+    m = judge.judge([image], ["a red circle and a blue square"])[0]
+    crop = image.crop((0, 0, 16, 16))
+    p = tiny_backend.yes_probability([crop, crop], ["is there a red circle here", "is there a blue square here"])
+    assert m.global_score is None
+    assert m.regions[0].score == pytest.approx(2 * p.max().item() - 1, abs=1e-5)
+    assert UMMJudgeRewardFunction.scalar(m) == pytest.approx(m.regions[0].score)
+
+
+class _ScriptedBackend:
+    """A stand-in judge that answers from a script, to test text-mode parsing without a language model."""
+
+    token_grid = (2, 2)
+
+    def __init__(self, answers):
+        self.answers = list(answers)
+        self.model = torch.nn.Linear(1, 1)
+        self.calls = []
+
+    def answer(self, images, questions, max_new_tokens=64, temperature=0.0):
+        self.calls.append((len(questions), temperature))
+        return [self.answers.pop(0) for _ in questions]
+
+
+def test_text_mode_parses_retries_and_counts_unparsed():
+    backend = _ScriptedBackend(["Score: 0.5", "no idea", "still nothing", "Score: -0.25", "nothing", "nope", "nah"])
+    judge = UMMJudgeRewardFunction(backend, mode="text", use_local=False, max_retries=2)
+    maps = judge.judge(_images(3, 8), ["a", "b", "c"])
+    # image 0 parsed at once; image 1 parsed on its first retry; image 2 never -> neutral 0, counted
+    assert [m.global_score for m in maps] == pytest.approx([0.5, -0.25, 0.0])
+    assert judge.stats["unparsed"] == 1 and judge.stats["retries"] == 3
+    assert backend.calls == [(3, 0.0), (2, 0.7), (1, 0.7)]
+
+
+def test_judge_bad_configuration(tiny_backend):
+    with pytest.raises(ValueError, match="mode"):
+        UMMJudgeRewardFunction(tiny_backend, mode="vibes")
+    with pytest.raises(ValueError, match="both False"):
+        UMMJudgeRewardFunction(tiny_backend, use_global=False, use_local=False)
+    with pytest.raises(ValueError, match="no backend"):
+        UMMJudgeRewardFunction().judge(_images(1), ["a"])
+    with pytest.raises(ValueError, match="2 images but 1 prompts"):
+        UMMJudgeRewardFunction(tiny_backend).judge(_images(2), ["a"])
+    bad = UMMJudgeRewardFunction(tiny_backend, region_proposer=CallableProposer(lambda i, p: [(0, 0, 99, 10)]))
+    with pytest.raises(ValueError, match="outside"):
+        bad.judge(_images(1), ["a red circle"])
+
+
+def test_frozen_judge_ignores_lora(tiny_backend):
+    from peft import LoraConfig, get_peft_model
+
+    images, prompts = _images(2), ["a red circle", "a blue square"]
+    before = [m.global_score for m in UMMJudgeRewardFunction(tiny_backend, use_local=False).judge(images, prompts)]
+    tiny_backend.model = get_peft_model(tiny_backend.model, LoraConfig(r=4, target_modules=tiny_backend.default_lora_targets()))
+    with torch.no_grad():
+        for name, param in tiny_backend.model.named_parameters():
+            if "lora_B" in name:
+                param.fill_(0.5)  # adapters now change the model
+    frozen = UMMJudgeRewardFunction(tiny_backend, use_local=False).judge(images, prompts)
+    live = UMMJudgeRewardFunction(tiny_backend, use_local=False, frozen=False).judge(images, prompts)
+    assert [m.global_score for m in frozen] == pytest.approx(before, abs=1e-6)
+    assert [m.global_score for m in live] != pytest.approx(before, abs=1e-3)

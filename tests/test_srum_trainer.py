@@ -1,0 +1,202 @@
+"""SRUMTrainer end to end on the tiny Janus model: full fine-tune, LoRA, offline rollouts, loss, bad input."""
+
+import os
+
+import pytest
+import torch
+import trl
+from datasets import Dataset
+
+from srum_trl import SRUMConfig, SRUMTrainer, UMMJudgeRewardFunction
+from srum_trl.models import GenerationConfig, Rollout, load_backend
+
+PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red square"]
+
+
+def _config(tmp_path, **kw):
+    base = dict(output_dir=str(tmp_path / "out"), per_device_train_batch_size=2, max_steps=2, logging_steps=1,
+                bf16=False, report_to=[], warmup_steps=0, learning_rate=1e-3, guidance_scale=3.0, save_strategy="no",
+                seed=0, dataloader_num_workers=0)
+    base.update(kw)
+    return SRUMConfig(**base)
+
+
+def _dataset(n=4):
+    return Dataset.from_dict({"prompt": (PROMPTS * n)[: max(n, 1) * 2]})
+
+
+def test_is_a_trl_trainer():
+    assert issubclass(SRUMTrainer, trl.trainer.base_trainer._BaseTrainer)
+    assert issubclass(SRUMConfig, trl.trainer.base_config._BaseConfig)
+
+
+def test_config_defaults_follow_the_paper(tmp_path):
+    c = SRUMConfig(output_dir=str(tmp_path))
+    assert (c.learning_rate, c.adam_beta1, c.adam_beta2, c.weight_decay) == (2e-5, 0.9, 0.95, 0.0)
+    assert (c.lr_scheduler_type, c.warmup_steps, c.max_grad_norm, c.constraint_weight) == ("constant_with_warmup", 100, 1.0, 0.5)
+    assert c.loss_guidance == "guided" and c.text_dropout == 0.0
+    assert SRUMConfig(output_dir=str(tmp_path), loss_guidance="conditional").text_dropout == 0.1
+
+
+@pytest.mark.parametrize(
+    "kw, message",
+    [({"loss_guidance": "both"}, "loss_guidance"), ({"judge_mode": "x"}, "judge_mode"),
+     ({"text_dropout": 1.5}, "text_dropout"), ({"steps_per_generation": 0}, "steps_per_generation"),
+     ({"constraint_weight": -1}, "constraint_weight"), ({"use_global_reward": False, "use_local_reward": False}, "nothing")],
+)
+def test_config_rejects_bad_values(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        SRUMConfig(output_dir=str(tmp_path), **kw)
+
+
+def test_weighted_loss_matches_hand_computation(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path, constraint_weight=0.5), train_dataset=_dataset(),
+                          processing_class=processor)
+    fixed = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
+    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout: fixed
+    rollout = Rollout(["a", "b"], [None, None], torch.zeros(2, 2, dtype=torch.long), (1, 2))
+    weights = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
+    loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
+    # ((0+.5)*1 + (1+.5)*2 + (.5+.5)*3 + (.5+.5)*4) / 4 = 10.5 / 4
+    assert loss.item() == pytest.approx(2.625)
+
+
+def test_full_finetune_changes_generation_weights(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    trainer = SRUMTrainer(model, args=_config(tmp_path, save_reward_maps=1), train_dataset=_dataset(),
+                          processing_class=processor)
+    trainer.train()
+    after = trainer.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert any("generation_head" in k for k in changed) and any("language_model" in k for k in changed)
+    assert not any("vqmodel" in k for k in changed)  # the VQ is not in the loss
+    logs = trainer.state.log_history[0]
+    for key in ("loss", "reward", "reward_std", "rewards/umm_judge/mean", "srum/global_score", "srum/local_score",
+                "srum/token_weight", "srum/token_loss", "guidance_margin"):
+        assert key in logs, key
+    assert os.listdir(os.path.join(str(tmp_path / "out"), "reward_maps"))
+
+
+def test_lora_changes_only_adapters_and_reloads(tiny_janus, tmp_path):
+    from peft import LoraConfig
+
+    model, processor = tiny_janus
+    base = {k: v.clone() for k, v in model.state_dict().items()}
+    base_dir = str(tmp_path / "base")
+    load_backend(model, processor=processor).save_pretrained(base_dir)
+    trainer = SRUMTrainer(model, args=_config(tmp_path, learning_rate=5e-2), train_dataset=_dataset(),
+                          processing_class=processor, peft_config=LoraConfig(r=4, lora_alpha=8))
+    trainer.train()
+    for name, param in trainer.model.named_parameters():
+        assert param.requires_grad == ("lora_" in name), name
+    trained = trainer.model.state_dict()
+    for key, value in trained.items():
+        if "lora_" not in key:
+            base_key = key.replace("base_model.model.", "").replace("base_layer.", "")
+            assert torch.equal(value, base[base_key]), key
+    assert any("lora_B" in k and v.abs().sum() > 0 for k, v in trained.items())
+    adapter_dir = str(tmp_path / "adapter")
+    trainer.save_model(adapter_dir)
+    assert os.path.exists(os.path.join(adapter_dir, "adapter_model.safetensors"))
+    reloaded = load_backend(base_dir, adapter=adapter_dir)
+    config = GenerationConfig(guidance=3.0)
+    ours = trainer.backend.generate(PROMPTS, config, seed=3).tokens
+    assert torch.equal(reloaded.generate(PROMPTS, config, seed=3).tokens, ours)
+
+
+def test_steps_per_generation_reuses_one_round(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path, max_steps=4, steps_per_generation=2),
+                          train_dataset=_dataset(), processing_class=processor)
+    calls = []
+    original = trainer.backend.generate
+    trainer.backend.generate = lambda prompts, *a, **k: calls.append(len(prompts)) or original(prompts, *a, **k)
+    trainer.train()
+    assert calls == [4, 4]  # two rounds of 2 steps x 2 prompts
+
+
+def test_plain_reward_functions_replace_the_global_score(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    seen = []
+
+    def oracle(prompts, completions, **kwargs):
+        seen.append(len(completions))
+        return [1.0 if "red" in p else float("nan") for p in prompts]
+
+    judge = UMMJudgeRewardFunction(use_local=False)
+    trainer = SRUMTrainer(model, reward_funcs=[judge, oracle], args=_config(tmp_path, max_steps=1),
+                          train_dataset=_dataset(), processing_class=processor)
+    rollout = trainer.backend.generate(["a red circle", "a blue square"], GenerationConfig(guidance=3.0), seed=0)
+    maps, rewards = trainer._judge(rollout, "train")
+    assert rewards == [1.0, 0.0]  # NaN is masked to neutral
+    assert maps[0].token_map == pytest.approx(torch.full((4, 4), 0.5).numpy())  # uniform 0.5 * (1 + 1) / 2
+
+    def broken(prompts, completions, **kwargs):
+        return [float("inf")] * len(prompts)
+
+    trainer.reward_funcs = [broken]
+    with pytest.raises(ValueError, match="finite"):
+        trainer._judge(rollout, "train")
+    trainer.reward_funcs = [lambda prompts, completions, **kw: [0.5]]
+    with pytest.raises(ValueError, match="returned 1 values for 2 images"):
+        trainer._judge(rollout, "train")
+
+
+def test_offline_rollout_dataset(tiny_janus, tmp_path):
+    from srum_trl.data import build_rollouts
+
+    model, processor = tiny_janus
+    backend = load_backend(model, processor=processor)
+    store = build_rollouts(backend, PROMPTS, UMMJudgeRewardFunction(), str(tmp_path / "store"),
+                           GenerationConfig(guidance=3.0), seed=0, shard_size=2, progress=False)
+    trainer = SRUMTrainer(backend, args=_config(tmp_path, max_steps=2), train_dataset=store)
+    generated = []
+    trainer.backend.generate = lambda *a, **k: generated.append(1)
+    trainer.train()
+    assert not generated and trainer.state.global_step == 2
+
+
+@pytest.mark.parametrize(
+    "data, message",
+    [({"text": ["a red circle"]}, "no 'prompt' column"), ({"prompt": ["a red circle", ""]}, r"\['prompt'\]\[1\]"),
+     ({"prompt": []}, "empty")],
+)
+def test_bad_datasets(tiny_janus, tmp_path, data, message):
+    model, processor = tiny_janus
+    with pytest.raises(ValueError, match=message):
+        SRUMTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_dict(data), processing_class=processor)
+
+
+def test_too_long_prompt_fails_before_training(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    ds = Dataset.from_dict({"prompt": [" ".join(["red"] * 300)] * 2})
+    trainer = SRUMTrainer(model, args=_config(tmp_path), train_dataset=ds, processing_class=processor)
+    with pytest.raises(ValueError, match="tokens long"):
+        trainer.train()
+
+
+def test_crash_keeps_the_progress(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    calls = []
+
+    def flaky(prompts, completions, **kwargs):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("judge server went away")
+        return [0.5] * len(prompts)
+
+    trainer = SRUMTrainer(model, reward_funcs=[UMMJudgeRewardFunction(use_local=False), flaky],
+                          args=_config(tmp_path, max_steps=3), train_dataset=_dataset(), processing_class=processor)
+    with pytest.raises(RuntimeError, match="went away"):
+        trainer.train()
+    assert os.path.exists(tmp_path / "out" / "interrupted-step-1" / "model.safetensors")
+
+
+def test_model_card(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path), train_dataset=_dataset(), processing_class=processor)
+    trainer.create_model_card(model_name="tiny-srum")
+    card = open(tmp_path / "out" / "README.md").read()
+    assert "SRUM" in card and "2510.12784" in card and "srum-trl" in card
