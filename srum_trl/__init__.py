@@ -9,6 +9,7 @@ from .data import build_rollouts, load_rollouts
 from .models import GenerationConfig, JanusBackend, Rollout, UMMBackend, load_backend
 from .rewards import GridProposer, Region, RewardMap, SAMProposer, UMMJudgeRewardFunction, render_reward_map
 from .trainers import SRUMConfig, SRUMTrainer
+from .trainers import GRPOUMMConfig, GRPOUMMTrainer
 
 __all__ = [
     "GenerationConfig",
@@ -27,3 +28,4 @@ __all__ = [
     "load_rollouts",
     "render_reward_map",
 ]
+__all__ += ["GRPOUMMConfig", "GRPOUMMTrainer"]

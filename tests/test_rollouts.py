@@ -3,7 +3,6 @@
 import os
 
 import pytest
-import torch
 
 from srum_trl import UMMJudgeRewardFunction
 from srum_trl.data import build_rollouts, load_rollouts, reward_map_from_row

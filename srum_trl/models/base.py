@@ -7,7 +7,7 @@ under `srum_trl/models/` that subclasses it and registers itself with [`register
 from __future__ import annotations
 
 from abc import ABC, abstractmethod
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Callable
 
 import torch

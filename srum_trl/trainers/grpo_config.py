@@ -1,0 +1,252 @@
+"""Configuration of [`GRPOUMMTrainer`]."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+from trl.trainer.base_config import _BaseConfig
+
+_MODES = ("grpo", "sft")
+_LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
+_SCALE_REWARDS = ("group", "batch", "none")
+_IS_LEVELS = ("token", "sequence")
+_ADVANTAGE_MODES = ("scalar", "dense")
+_LOSS_GUIDANCE = ("guided", "conditional")
+_JUDGE_MODES = ("logits", "text")
+
+
+@dataclass
+class GRPOUMMConfig(_BaseConfig):
+    r"""
+    Configuration class for [`GRPOUMMTrainer`]: GRPO on the image tokens of a unified multimodal model, as in UniRL
+    (arXiv 2505.23380), with the model's own judge as reward, optional dense per-token advantages from the judge's
+    reward maps, and UniRL's self-SFT mode. Field names and meanings follow TRL's `GRPOConfig` wherever one exists.
+
+    Every field is also a command-line flag of `examples/grpo_janus.py` (TRL's parser). Besides these, all
+    [`~transformers.TrainingArguments`] fields apply.
+
+    Parameters:
+        model_init_kwargs (`dict` or `str`, *optional*):
+            Keyword arguments for the model's `from_pretrained` when `model` is a path (`dtype`,
+            `attn_implementation`, ...). A JSON string is accepted on the command line.
+        mode (`str`, *optional*, defaults to `"grpo"`):
+            "grpo": TRL's clipped policy-gradient loss. "sft": UniRL's self-SFT (the SFT baseline of the SRUM
+            paper): cross-entropy on the model's own images, optionally only the best of each group
+            (`sft_best_of_n`); no advantages, no ratio, no KL.
+        num_generations (`int`, *optional*, defaults to `8`):
+            Group size G: images sampled per prompt (UniRL uses 8 for Janus). The generation batch must hold whole
+            groups. GRPO needs at least 2.
+        max_completion_length (`int`, *optional*):
+            The constant normaliser of `loss_type="dr_grpo"`. Defaults to the number of image tokens of the model
+            (every image has exactly that many tokens).
+        shuffle_dataset (`bool`, *optional*, defaults to `True`):
+            Shuffle the prompts of the training dataset.
+        generation_batch_size (`int`, *optional*):
+            Images per generation round over all processes (TRL's meaning). Defaults to
+            `per_device_train_batch_size * num_processes * steps_per_generation`. Set at most one of this and
+            `steps_per_generation`.
+        steps_per_generation (`int`, *optional*):
+            Micro-steps served by one generation round. Defaults to `gradient_accumulation_steps`.
+        generation_chunk_size (`int`, *optional*):
+            Images per generation forward pass; defaults to the whole per-process generation round at once.
+        guidance_scale (`float`, *optional*, defaults to `5.0`):
+            Classifier-free guidance scale w of the rollouts (1.0: no guidance). The policy is the distribution that
+            sampled the tokens, `softmax((u + w (c - u)) / temperature)`: log-probabilities, ratios and KL are all
+            taken on these guided logits.
+        temperature (`float`, *optional*, defaults to `1.0`):
+            Sampling temperature of the rollouts (log-probabilities are divided by it, as in TRL).
+        top_k (`int`, *optional*):
+            Sample only among the k most likely image tokens (None: all). Log-probabilities ignore the truncation,
+            as TRL's do.
+        beta (`float`, *optional*, defaults to `0.0`):
+            KL coefficient (k3 estimator `exp(ref - logp) - (ref - logp) - 1`, per token). The reference is the
+            model with its LoRA adapters disabled (`backend.frozen()`), so no second copy is kept. A full
+            fine-tune with `beta > 0` needs `ref_model_copy=True`.
+        ref_model_copy (`bool`, *optional*, defaults to `False`):
+            Without PEFT adapters and with `beta > 0`: keep a frozen copy of the starting model as the reference
+            (doubles the model memory). Ignored with a PEFT model.
+        num_iterations (`int`, *optional*, defaults to `1`):
+            Optimisation passes over each generation round (mu in the GRPO paper).
+        epsilon (`float`, *optional*, defaults to `0.2`):
+            Lower clipping bound: the ratio is clipped to `[1 - epsilon, 1 + epsilon_high]`.
+        epsilon_high (`float`, *optional*):
+            Upper clipping bound; defaults to `epsilon` (DAPO recommends 0.28).
+        importance_sampling_level (`str`, *optional*, defaults to `"token"`):
+            "token": one ratio per token; "sequence" (GSPO): the exp of the mean per-token log-ratio of the image.
+        reward_weights (`list[float]`, *optional*):
+            One weight per reward function; the reward is the NaN-skipping weighted sum (TRL's `nansum`). Defaults
+            to all ones.
+        scale_rewards (`str`, *optional*, defaults to `"group"`):
+            Advantage `A = r - mean_group(r)`, divided by the group's std ("group"), the batch's std ("batch"), or
+            by nothing ("none", Dr. GRPO), with 1e-4 added to the std. `True`/`False` mean "group"/"none".
+        loss_type (`str`, *optional*, defaults to `"dapo"`):
+            How per-token losses are aggregated (TRL's): "grpo" per-image mean then batch mean; "bnpo" mean over the
+            tokens of the micro-batch; "dr_grpo" sum divided by `batch * max_completion_length`; "dapo" sum divided
+            by the mean number of tokens per micro-batch of the whole generation round. Every image has the same
+            number of tokens, so all four agree up to constants here.
+        advantage_mode (`str`, *optional*, defaults to `"scalar"`):
+            "scalar": plain GRPO, every token of an image gets the image's advantage A. "dense": A is spread over
+            the tokens by the judge's reward map m (normalised to [0, 1]): `A_t = A * m_t / mean(m)` when A >= 0
+            (credit to the tokens the judge liked), `A_t = A * (1 - m_t) / mean(1 - m)` when A < 0 (blame on the
+            tokens it disliked); the mean over tokens of A_t is A. Needs a `UMMJudgeRewardFunction` among the
+            reward functions (the first one's maps are used).
+        sft_best_of_n (`bool`, *optional*, defaults to `False`):
+            Self-SFT: train only on the image with the highest reward of each group (ties: the first). Off: on all
+            images.
+        sft_loss_guidance (`str`, *optional*, defaults to `"guided"`):
+            Self-SFT: which prediction the cross-entropy trains, "guided" (the logits that sampled) or
+            "conditional" (the conditional prediction, with prompt dropout).
+        sft_text_dropout (`float`, *optional*):
+            Self-SFT: prompt-dropout probability of the conditional loss. Defaults to 0.1 with
+            `sft_loss_guidance="conditional"` and 0.0 with "guided".
+        judge_mode (`str`, *optional*, defaults to `"logits"`):
+            Default judge (built when `reward_funcs=None`): "logits" (2 P(yes) - 1) or "text" (`Score: x`).
+        region_proposer (`str`, *optional*, defaults to `"grid"`):
+            Default judge: where local scores are taken, "grid", "sam" or "none".
+        region_grid (`int`, *optional*, defaults to `2`):
+            Default judge: cells per side of the grid proposer.
+        map_rule (`str`, *optional*, defaults to `"srum"`):
+            Default judge: how scores become the reward map, "srum" or "signed".
+        map_downsample (`str`, *optional*, defaults to `"bilinear"`):
+            Default judge: pixel map to token grid, "bilinear" or "area".
+        judge_frozen (`bool`, *optional*, defaults to `True`):
+            Default judge: with a PEFT model, judge with the adapters disabled (the frozen starting point).
+    """
+
+    _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
+
+    learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's GRPO default)."})
+    bf16: bool | None = field(
+        default=None,
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+    )
+    gradient_checkpointing: bool | None = field(
+        default=None,
+        metadata={"help": "Recompute activations in the backward pass to save memory (off by default)."},
+    )
+    remove_unused_columns: bool = field(
+        default=False, metadata={"help": "Keep dataset columns: the trainer reads `prompt`."}
+    )
+
+    model_init_kwargs: dict | str | None = field(
+        default=None,
+        metadata={"help": "Keyword arguments of the model's from_pretrained (dtype, attn_implementation, ...)."},
+    )
+    mode: str = field(default="grpo", metadata={"help": "'grpo' (policy gradient) or 'sft' (self-SFT)."})
+    num_generations: int = field(default=8, metadata={"help": "Group size G: images sampled per prompt."})
+    max_completion_length: int | None = field(
+        default=None, metadata={"help": "dr_grpo normaliser (default: the number of image tokens)."}
+    )
+    shuffle_dataset: bool = field(default=True, metadata={"help": "Shuffle the training prompts."})
+    generation_batch_size: int | None = field(
+        default=None, metadata={"help": "Images per generation round over all processes (TRL's meaning)."}
+    )
+    steps_per_generation: int | None = field(
+        default=None, metadata={"help": "Micro-steps per generation round (default: gradient_accumulation_steps)."}
+    )
+    generation_chunk_size: int | None = field(
+        default=None, metadata={"help": "Images per generation forward pass (default: the whole round)."}
+    )
+    guidance_scale: float = field(default=5.0, metadata={"help": "CFG scale w of the rollouts (1.0: none)."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature of the rollouts."})
+    top_k: int | None = field(default=None, metadata={"help": "Sample among the k most likely tokens."})
+    beta: float = field(default=0.0, metadata={"help": "KL coefficient (reference: LoRA adapters disabled)."})
+    ref_model_copy: bool = field(
+        default=False, metadata={"help": "Without PEFT and beta > 0: keep a frozen copy as the reference."}
+    )
+    num_iterations: int = field(default=1, metadata={"help": "Optimisation passes per generation round (mu)."})
+    epsilon: float = field(default=0.2, metadata={"help": "Lower clipping epsilon."})
+    epsilon_high: float | None = field(default=None, metadata={"help": "Upper clipping epsilon (default: epsilon)."})
+    importance_sampling_level: str = field(default="token", metadata={"help": "'token' or 'sequence' (GSPO)."})
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "One weight per reward function (default: all 1)."}
+    )
+    scale_rewards: str = field(default="group", metadata={"help": "Advantage scaling: 'group', 'batch' or 'none'."})
+    loss_type: str = field(default="dapo", metadata={"help": "'grpo', 'dr_grpo', 'dapo' or 'bnpo'."})
+    advantage_mode: str = field(
+        default="scalar", metadata={"help": "'scalar' (plain GRPO) or 'dense' (spread by the judge's reward map)."}
+    )
+    sft_best_of_n: bool = field(default=False, metadata={"help": "Self-SFT on the best image of each group only."})
+    sft_loss_guidance: str = field(default="guided", metadata={"help": "Self-SFT loss: 'guided' or 'conditional'."})
+    sft_text_dropout: float | None = field(
+        default=None, metadata={"help": "Self-SFT prompt dropout (default 0.1 conditional, 0 guided)."}
+    )
+    judge_mode: str = field(default="logits", metadata={"help": "Default judge: 'logits' or 'text'."})
+    region_proposer: str = field(default="grid", metadata={"help": "Default judge: 'grid', 'sam' or 'none'."})
+    region_grid: int = field(default=2, metadata={"help": "Default judge: cells per side of the grid proposer."})
+    map_rule: str = field(default="srum", metadata={"help": "Default judge: map rule 'srum' or 'signed'."})
+    map_downsample: str = field(default="bilinear", metadata={"help": "Default judge: 'bilinear' or 'area'."})
+    judge_frozen: bool = field(default=True, metadata={"help": "Default judge: judge with LoRA adapters disabled."})
+
+    def __post_init__(self):
+        if self.bf16 is None and not self.fp16:
+            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
+            import torch
+
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or self.use_cpu
+        super().__post_init__()
+        self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
+            self.scale_rewards, self.scale_rewards
+        )
+        for name, allowed in (("mode", _MODES), ("loss_type", _LOSS_TYPES), ("scale_rewards", _SCALE_REWARDS),
+                              ("importance_sampling_level", _IS_LEVELS), ("advantage_mode", _ADVANTAGE_MODES),
+                              ("sft_loss_guidance", _LOSS_GUIDANCE), ("judge_mode", _JUDGE_MODES)):
+            if getattr(self, name) not in allowed:
+                raise ValueError(f"{name} must be one of {allowed}, got {getattr(self, name)!r}.")
+        if self.epsilon_high is None:
+            self.epsilon_high = self.epsilon
+        if self.sft_text_dropout is None:
+            self.sft_text_dropout = 0.1 if self.sft_loss_guidance == "conditional" else 0.0
+        if not 0.0 <= self.sft_text_dropout < 1.0:
+            raise ValueError(f"sft_text_dropout must be in [0, 1), got {self.sft_text_dropout}.")
+        if self.guidance_scale <= 0:
+            raise ValueError(f"guidance_scale must be > 0 (1.0 disables guidance), got {self.guidance_scale}.")
+        if self.temperature <= 0:
+            raise ValueError(f"temperature must be > 0, got {self.temperature}.")
+        if self.beta < 0:
+            raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.mode == "sft" and self.beta > 0:
+            raise ValueError("beta (the KL term) applies to mode='grpo' only; set beta=0 for self-SFT.")
+        if self.num_iterations < 1:
+            raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
+        if self.epsilon < 0 or self.epsilon_high < 0:
+            raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}.")
+        minimum = 2 if self.mode == "grpo" else 1
+        if self.num_generations < minimum:
+            raise ValueError(
+                f"num_generations must be >= {minimum} in mode={self.mode!r} (GRPO compares images of one prompt), "
+                f"got {self.num_generations}."
+            )
+        self._resolve_generation_batch()
+        if self.do_eval and self.eval_strategy != "no" and (
+            self.per_device_eval_batch_size * self.world_size
+        ) % self.num_generations != 0:
+            raise ValueError(
+                f"The global eval batch size ({self.per_device_eval_batch_size} * {self.world_size}) must be "
+                f"divisible by num_generations ({self.num_generations})."
+            )
+
+    def _resolve_generation_batch(self) -> None:
+        """TRL's rule: derive whichever of generation_batch_size / steps_per_generation is unset."""
+        global_batch = self.per_device_train_batch_size * self.world_size
+        if self.generation_batch_size is not None and self.steps_per_generation is not None:
+            raise ValueError("Set at most one of generation_batch_size and steps_per_generation.")
+        if self.generation_batch_size is None:
+            if self.steps_per_generation is None:
+                self.steps_per_generation = self.gradient_accumulation_steps
+            if self.steps_per_generation < 1:
+                raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}.")
+            self.generation_batch_size = global_batch * self.steps_per_generation
+        else:
+            if self.generation_batch_size % global_batch != 0:
+                raise ValueError(
+                    f"generation_batch_size ({self.generation_batch_size}) must be divisible by the global batch size "
+                    f"({global_batch})."
+                )
+            self.steps_per_generation = self.generation_batch_size // global_batch
+        if self.generation_batch_size % self.num_generations != 0:
+            raise ValueError(
+                f"generation_batch_size ({self.generation_batch_size}) must be divisible by num_generations "
+                f"({self.num_generations}): a generation round holds whole groups. Raise per_device_train_batch_size "
+                "or steps_per_generation."
+            )

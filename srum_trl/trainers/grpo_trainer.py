@@ -1,0 +1,411 @@
+"""GRPOUMMTrainer: GRPO and self-SFT on the image tokens of a unified multimodal model (UniRL, arXiv 2505.23380).
+
+One generation round:
+  1. rollouts: the dataloader repeats each prompt `num_generations` (G) times; the current policy samples one image
+     per row with classifier-free guidance;
+  2. rewards: every reward function scores every image (a [`UMMJudgeRewardFunction`] also returns its reward maps);
+     the reward is the NaN-skipping weighted sum over functions, the advantage `A = (r - mean_group r) / (std + 1e-4)`;
+  3. loss (mode "grpo"): TRL's clipped surrogate on the per-token log-probabilities of the guided logits that sampled
+     the tokens, with optional k3 KL to the adapters-disabled model, aggregated by `loss_type`. With
+     `advantage_mode="dense"` each token's advantage is modulated by the judge's reward map ([`dense_advantages`]).
+     Mode "sft": cross-entropy on the model's own images (optionally only the best of each group).
+
+The loss core is a pure function over tensors, [`grpo_loss`], tested against hand computations.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import copy
+import math
+import os
+import time
+from collections import defaultdict
+
+import torch
+from torch.utils.data import Sampler
+from trl.trainer.base_trainer import _BaseTrainer
+from trl.trainer.utils import RepeatSampler, nanstd
+
+from ..data.rollouts import is_rollout_dataset
+from ..models import GenerationConfig
+from ..rewards import UMMJudgeRewardFunction
+from .common import check_rewards, check_train_dataset, func_name, resolve_backend
+from .grpo_config import GRPOUMMConfig
+from .grpo_loss import (
+    combine_rewards,
+    dense_advantages,
+    group_advantages,
+    grpo_loss,
+    normalise_token_map,
+)
+
+_CITATION = """\
+@article{mao2025unirl,
+    title   = {{UniRL: Self-Improving Unified Multimodal Models via Supervised and Reinforcement Learning}},
+    author  = {Weijia Mao and Zhenheng Yang and Mike Zheng Shou},
+    journal = {arXiv preprint arXiv:2505.23380},
+    year    = {2025}
+}"""
+
+
+def _nanmean(values) -> float:
+    values = torch.as_tensor([float(v) for v in values], dtype=torch.float64)
+    return float(torch.nanmean(values)) if values.numel() else math.nan
+
+
+def _identity_collator(features):
+    return features
+
+
+# ------------------------------------------------------------------------------------------------------ trainer
+class GRPOUMMTrainer(_BaseTrainer):
+    """GRPO (and self-SFT) for unified multimodal models on TRL's trainer base, with TRL's GRPO names.
+
+    Args:
+        model: a model folder / Hub id, a `PreTrainedModel` of a supported family, or a [`UMMBackend`].
+        reward_funcs: `None` (the model judges itself with the config's judge settings), or a reward function or a
+            list of them: [`UMMJudgeRewardFunction`]s (the first one's reward maps drive dense advantages) and plain
+            callables with TRL's signature `(prompts, completions, **kwargs) -> list[float]`, `completions` being
+            PIL images; the dataset's other columns and `trainer_state` come as keyword arguments. `None`/NaN
+            values are skipped.
+        args: a [`GRPOUMMConfig`].
+        train_dataset: a `datasets.Dataset` with a "prompt" column.
+        eval_dataset: prompts for `evaluate()` (loss and rewards of fresh rollouts).
+        processing_class: the processor, when `model` is a model object.
+        callbacks, optimizers: as in `transformers.Trainer`.
+        peft_config: a PEFT config; the model is wrapped with `get_peft_model` and only adapters train. Then the KL
+            reference (`beta > 0`) is the model with adapters disabled.
+    """
+
+    _tag_names = ["trl", "grpo", "unirl", "srum-trl", "text-to-image"]
+    _name = "GRPO"
+    _paper = {
+        "title": "UniRL: Self-Improving Unified Multimodal Models via Supervised and Reinforcement Learning",
+        "id": "2505.23380",
+        "citation": _CITATION,
+    }
+    loss_is_scaled_for_ga = False
+
+    def __init__(
+        self,
+        model,
+        reward_funcs=None,
+        args: GRPOUMMConfig | None = None,
+        train_dataset=None,
+        eval_dataset=None,
+        processing_class=None,
+        callbacks=None,
+        optimizers=(None, None),
+        peft_config=None,
+    ):
+        if args is None:
+            name = model if isinstance(model, str) else type(model).__name__
+            args = GRPOUMMConfig(output_dir=f"{str(name).rstrip('/').split('/')[-1]}-GRPO")
+        if not isinstance(args, GRPOUMMConfig):
+            raise ValueError(f"args must be a GRPOUMMConfig, got {type(args).__name__}.")
+        for dataset, label in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_train_dataset(dataset, label)
+            if dataset is not None and is_rollout_dataset(dataset):
+                raise ValueError(f"{label} is a stored rollout dataset; GRPO samples its own images on-policy. "
+                                 "Pass a prompt dataset (stored rollouts train with SRUMTrainer).")
+        self.backend = resolve_backend(model, args, processing_class, peft_config)
+        if args.mode == "grpo" and self.backend.token_kind != "discrete":
+            raise ValueError(f"GRPO needs per-token log-probabilities; {type(self.backend).__name__} has "
+                             f"{self.backend.token_kind} tokens. Use mode='sft'.")
+        self.reward_funcs = self._resolve_reward_funcs(reward_funcs, args)
+        self.reward_func_names = [func_name(f) for f in self.reward_funcs]
+        weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
+        if len(weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions.")
+        self.reward_weights = torch.tensor(weights, dtype=torch.float32)
+        self.judge = next((f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)), None)
+        if args.mode == "grpo" and args.advantage_mode == "dense" and self.judge is None:
+            raise ValueError("advantage_mode='dense' needs a UMMJudgeRewardFunction in reward_funcs (its reward maps).")
+        self.ref_backend = self._resolve_reference(args)
+        self.num_generations = args.num_generations
+        self.max_completion_length = args.max_completion_length or math.prod(self.backend.token_grid)
+        round_size = args.generation_batch_size // args.world_size
+        self.generation = GenerationConfig(
+            guidance=args.guidance_scale,
+            temperature=args.temperature,
+            top_k=args.top_k,
+            batch_size=args.generation_chunk_size or round_size,
+        )
+        super().__init__(
+            model=self.backend.model,
+            args=args,
+            data_collator=_identity_collator,
+            train_dataset=train_dataset,
+            eval_dataset=eval_dataset,
+            processing_class=self.backend.processor,
+            callbacks=callbacks,
+            optimizers=optimizers,
+        )
+        if self.ref_backend is not None and self.ref_backend is not self.backend:
+            self.ref_backend.model.to(self.accelerator.device)
+        self._step = 0
+        self._buffer: list[dict] | None = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _resolve_reward_funcs(self, reward_funcs, args) -> list:
+        if reward_funcs is None:
+            judge = UMMJudgeRewardFunction(
+                mode=args.judge_mode,
+                region_proposer=args.region_proposer,
+                region_grid=args.region_grid,
+                map_rule=args.map_rule,
+                downsample_mode=args.map_downsample,
+                frozen=args.judge_frozen,
+            )
+            return [judge.bind(self.backend)]
+        funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
+        if not funcs:
+            raise ValueError("reward_funcs is empty; pass at least one reward function (or None for the self-judge).")
+        for f in funcs:
+            if isinstance(f, UMMJudgeRewardFunction):
+                f.bind(self.backend)
+            elif not callable(f):
+                raise ValueError(f"reward_funcs entries must be callables or UMMJudgeRewardFunction, got {f!r}.")
+        return funcs
+
+    def _resolve_reference(self, args):
+        """The backend whose log-probs are the KL reference: `self.backend` under `frozen()` (PEFT), a frozen copy
+        (`ref_model_copy`), or None when `beta == 0`."""
+        if args.beta == 0.0:
+            return None
+        try:
+            from peft import PeftModel
+
+            is_peft = isinstance(self.backend.model, PeftModel)
+        except ImportError:
+            is_peft = False
+        if is_peft:
+            return self.backend
+        if not args.ref_model_copy:
+            raise ValueError(
+                "beta > 0 needs a reference model: train LoRA adapters (pass peft_config; the reference is then the "
+                "model with adapters disabled, no extra memory) or set ref_model_copy=True to keep a frozen copy."
+            )
+        ref = copy.copy(self.backend)
+        ref.model = copy.deepcopy(self.backend.model).eval().requires_grad_(False)
+        return ref
+
+    # ------------------------------------------------------------------------------------------------ data
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def get_train_dataloader(self):
+        # One dataloader batch = one generation round on this process (per-device batch x steps_per_generation
+        # rows, each prompt G times); `_prepare_inputs` slices it into micro-batches.
+        return self._get_dataloader(
+            dataset=self.train_dataset,
+            description="Training",
+            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            sampler_fn=self._get_train_sampler,
+            is_training=True,
+        )
+
+    def _get_train_sampler(self, dataset=None) -> Sampler:
+        return RepeatSampler(
+            data_source=dataset if dataset is not None else self.train_dataset,
+            mini_repeat_count=self.num_generations,
+            batch_size=self.args.generation_batch_size // self.num_generations,
+            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+            shuffle=self.args.shuffle_dataset,
+            seed=self.args.seed,
+        )
+
+    def _get_eval_sampler(self, eval_dataset) -> Sampler:
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
+
+    # ------------------------------------------------------------------------------------------- rollouts
+    def _score(self, rollout, batch: list[dict]) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Rewards `[n, F]` of the local images, and the first judge's token maps `[n, T]` on [0, 1] (or None)."""
+        prompts, images = rollout.prompts, rollout.images
+        extra = {k: [row[k] for row in batch] for k in batch[0] if k not in ("prompt", "completion")}
+        columns, token_maps = [], None
+        for f, name in zip(self.reward_funcs, self.reward_func_names):
+            if isinstance(f, UMMJudgeRewardFunction):
+                maps = f.judge(images, prompts, rollout.grid)
+                values = [f.scalar(m) for m in maps]
+                if f is self.judge:
+                    token_maps = torch.stack([
+                        normalise_token_map(torch.from_numpy(m.token_map.reshape(-1)), m.rule) for m in maps
+                    ])
+            else:
+                values = f(prompts=prompts, completions=images, trainer_state=self.state, **extra)
+            columns.append(check_rewards(values, len(images), name))
+        return torch.tensor(columns, dtype=torch.float32).T.contiguous(), token_maps
+
+    @torch.no_grad()
+    def _batched_logprobs(self, backend, rollout) -> torch.Tensor:
+        size = self.args.per_device_train_batch_size
+        parts = []
+        for i in range(0, len(rollout), size):
+            part = rollout.select(slice(i, i + size))
+            parts.append(backend.token_logprobs(part.prompts, part).float())
+        return torch.cat(parts)
+
+    def _generate_and_score(self, batch: list[dict], mode: str) -> dict:
+        """Generate and score one round; return its advantages (or SFT weights) and log-probs, all local."""
+        metrics, device, args = self._metrics[mode], self.accelerator.device, self.args
+        prompts = [row["prompt"] for row in batch]
+        t0 = time.perf_counter()
+        seed = args.seed * 1_000_003 + self.state.global_step * 101 + self._step * 7 + args.process_index
+        rollout = self.backend.generate(prompts, self.generation, seed=seed)
+        t1 = time.perf_counter()
+        local_rewards, token_maps = self._score(rollout, batch)
+        metrics["timing/generate_s"].append(t1 - t0)
+        metrics["timing/reward_s"].append(time.perf_counter() - t1)
+        rewards_per_func = self.accelerator.gather(local_rewards.to(device)).float().cpu()
+        rewards = combine_rewards(rewards_per_func, self.reward_weights)
+        advantages, zero_std = group_advantages(rewards, self.num_generations, args.scale_rewards)
+        start = self.accelerator.process_index * len(prompts)
+        local = slice(start, start + len(prompts))
+        for i, name in enumerate(self.reward_func_names):
+            metrics[f"rewards/{name}/mean"].append(float(torch.nanmean(rewards_per_func[:, i])))
+            metrics[f"rewards/{name}/std"].append(float(nanstd(rewards_per_func[:, i])))
+        metrics["reward"].append(float(torch.nanmean(rewards)))
+        metrics["reward_std"].append(float(nanstd(rewards)))
+        metrics["frac_reward_zero_std"].append(float(zero_std.float().mean()))
+        metrics["completions/mean_length"].append(float(math.prod(rollout.grid)))
+        if rollout.guidance_margin is not None:
+            metrics["guidance_margin"].append(_nanmean(rollout.guidance_margin.tolist()))
+        out = {"rollout": rollout}
+        if args.mode == "sft":
+            if args.sft_best_of_n:
+                scores = torch.nan_to_num(rewards, nan=-math.inf).view(-1, self.num_generations)
+                best = torch.zeros_like(scores, dtype=torch.bool)
+                best[torch.arange(scores.shape[0]), scores.argmax(dim=1)] = True
+                out["sft_weights"] = best.view(-1)[local].float()
+            else:
+                out["sft_weights"] = torch.ones(len(prompts))
+            return out
+        advantages = advantages[local]
+        if args.advantage_mode == "dense":
+            advantages = dense_advantages(advantages, token_maps)
+        out["advantages"] = advantages
+        generate_every = args.steps_per_generation * args.num_iterations
+        out["old_logps"] = None
+        if mode == "train" and args.gradient_accumulation_steps % generate_every != 0:
+            out["old_logps"] = self._batched_logprobs(self.backend, rollout).cpu()
+            if rollout.logprobs is not None:
+                diff = (out["old_logps"] - rollout.logprobs.float()).abs()
+                metrics["sampling/sampling_logp_difference/mean"].append(float(diff.mean()))
+        out["ref_logps"] = None
+        if self.ref_backend is not None:
+            frozen = self.backend.frozen() if self.ref_backend is self.backend else contextlib.nullcontext()
+            with frozen:
+                out["ref_logps"] = self._batched_logprobs(self.ref_backend, rollout).cpu()
+        tokens = float(len(rollout) * math.prod(rollout.grid))  # every image token counts: the mask is all ones
+        total = float(self.accelerator.gather(torch.tensor([tokens], device=device)).sum())
+        steps = args.steps_per_generation if mode == "train" else 1
+        out["num_items"] = total / self.accelerator.num_processes / steps
+        return out
+
+    def _split(self, round_: dict) -> list[dict]:
+        """Shuffle a round and cut it into `steps_per_generation` micro-batches (SFT: only rows of weight > 0)."""
+        spg = self.args.steps_per_generation
+        n = len(round_["rollout"])
+        if self.args.mode == "sft":
+            rows = [i for i in range(n) if round_["sft_weights"][i] > 0]
+            weights = torch.ones(len(rows))
+            if not rows:  # nothing selected on this process: one zero-weight row keeps the step well defined
+                rows, weights = [0], torch.zeros(1)
+            perm = torch.randperm(len(rows)).tolist()
+            rows, weights = [rows[i] for i in perm], weights[perm]
+            size = math.ceil(len(rows) / spg)
+            return [
+                {"rollout": round_["rollout"].select(rows[i : i + size]), "sft_weights": weights[i : i + size]}
+                for i in range(0, len(rows), size)
+            ]
+        perm = torch.randperm(n).tolist()
+        size = math.ceil(n / spg)
+        batches = []
+        for i in range(0, n, size):
+            rows = perm[i : i + size]
+            item = {"rollout": round_["rollout"].select(rows), "advantages": round_["advantages"][rows],
+                    "num_items": round_["num_items"]}
+            for key in ("old_logps", "ref_logps"):
+                item[key] = round_[key][rows] if round_[key] is not None else None
+            batches.append(item)
+        return batches
+
+    def _prepare_inputs(self, batch):
+        mode = "train" if self.model.training else "eval"
+        if mode == "eval":
+            return self._generate_and_score(batch, mode)
+        generate_every = self.args.steps_per_generation * self.args.num_iterations
+        if self._step % generate_every == 0 or self._buffer is None:
+            self._buffer = self._split(self._generate_and_score(batch, mode))
+        return self._buffer[self._step % self.args.steps_per_generation % len(self._buffer)]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        out = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return out
+
+    # ------------------------------------------------------------------------------------------------ loss
+    def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
+        mode = "train" if model.training else "eval"
+        rollout = inputs["rollout"]
+        if self.args.mode == "sft":
+            dropout = self.args.sft_text_dropout if model.training else 0.0
+            per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.sft_loss_guidance, dropout)
+            weights = inputs["sft_weights"].to(per_token.device, per_token.dtype)
+            loss = (weights[:, None] * per_token).sum() / (weights.sum().clamp(min=1.0) * per_token.shape[1])
+            self._metrics[mode]["sft/token_loss"].append(float(per_token.detach().mean()))
+            return (loss, None) if return_outputs else loss
+        logps = self.backend.token_logprobs(rollout.prompts, rollout)
+        old = inputs.get("old_logps")
+        out = grpo_loss(
+            logps,
+            logps.detach() if old is None else old,
+            inputs["advantages"],
+            ref_per_token_logps=inputs.get("ref_logps"),
+            beta=self.args.beta,
+            epsilon_low=self.args.epsilon,
+            epsilon_high=self.args.epsilon_high,
+            loss_type=self.args.loss_type,
+            importance_sampling_level=self.args.importance_sampling_level,
+            max_completion_length=self.max_completion_length,
+            num_items=inputs.get("num_items"),
+        )
+        for key, value in out.metrics.items():
+            self._metrics[mode][key].append(value)
+        return (out.loss, None) if return_outputs else out.loss
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    # ---------------------------------------------------------------------------------------------- logging
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            logs[prefix + key] = _nanmean(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    # ---------------------------------------------------------------------------------------------- saving
+    def _save_checkpoint(self, model, trial):
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
+            os.path.normpath(self.args.output_dir))
+        self.create_model_card(model_name=name)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; if it fails after some optimizer steps, the weights reached so far are saved to
+        `output_dir/interrupted-step-N` before the error propagates."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            if self.state.global_step > 0 and self.is_world_process_zero():
+                self.save_model(os.path.join(self.args.output_dir, f"interrupted-step-{self.state.global_step}"))
+            raise
+
