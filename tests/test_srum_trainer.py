@@ -200,3 +200,29 @@ def test_model_card(tiny_janus, tmp_path):
     trainer.create_model_card(model_name="tiny-srum")
     card = open(tmp_path / "out" / "README.md").read()
     assert "SRUM" in card and "2510.12784" in card and "srum-trl" in card
+
+
+def test_loss_runs_through_the_trainer_wrapper(tiny_janus, tmp_path):
+    """Under DDP / FSDP the loss must be computed as the wrapper's forward, or gradients are never synchronised."""
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path), train_dataset=_dataset(), processing_class=processor)
+
+    class Wrapper(torch.nn.Module):  # stands in for DistributedDataParallel: forward delegates to the module
+        def __init__(self, module):
+            super().__init__()
+            self.module, self.calls = module, 0
+
+        def forward(self, *args, **kwargs):
+            self.calls += 1
+            return self.module(*args, **kwargs)
+
+    rollout = trainer.backend.generate(PROMPTS[:2], GenerationConfig(guidance=3.0), seed=0)
+    weights = torch.full((2, 16), 0.5)
+    direct = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
+    wrapper = Wrapper(trainer.model)
+    routed = trainer.compute_loss(wrapper, {"rollout": rollout, "weights": weights})
+    assert wrapper.calls == 1
+    assert routed.item() == pytest.approx(direct.item(), rel=1e-6)
+    routed.backward()
+    assert trainer.backend.core.model.generation_head.vision_head.weight.grad is not None
+    assert "forward" not in vars(trainer.backend.core)  # the class forward is back

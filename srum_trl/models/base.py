@@ -6,6 +6,7 @@ under `srum_trl/models/` that subclasses it and registers itself with [`register
 
 from __future__ import annotations
 
+import contextlib
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from typing import Callable
@@ -172,10 +173,19 @@ class UMMBackend(ABC):
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Number of tokens of each prompt as the backend feeds it."""
 
+    @contextlib.contextmanager
+    def using(self, wrapper: torch.nn.Module):
+        """Inside this block, training forwards run through `wrapper` (the DDP / FSDP module that the Trainer
+        prepared around `model`), so that its gradient synchronisation sees them. Backends route their
+        differentiable computations through [`_runner`]."""
+        previous, self._runner = getattr(self, "_runner", None), wrapper
+        try:
+            yield self
+        finally:
+            self._runner = previous
+
     def frozen(self):
         """Context in which the model acts as its frozen starting point (PEFT adapters disabled)."""
-        import contextlib
-
         if hasattr(self.model, "disable_adapter"):
             return self.model.disable_adapter()
         return contextlib.nullcontext()

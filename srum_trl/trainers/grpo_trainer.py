@@ -353,12 +353,14 @@ class GRPOUMMTrainer(_BaseTrainer):
         rollout = inputs["rollout"]
         if self.args.mode == "sft":
             dropout = self.args.sft_text_dropout if model.training else 0.0
-            per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.sft_loss_guidance, dropout)
+            with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
+                per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.sft_loss_guidance, dropout)
             weights = inputs["sft_weights"].to(per_token.device, per_token.dtype)
             loss = (weights[:, None] * per_token).sum() / (weights.sum().clamp(min=1.0) * per_token.shape[1])
             self._metrics[mode]["sft/token_loss"].append(float(per_token.detach().mean()))
             return (loss, None) if return_outputs else loss
-        logps = self.backend.token_logprobs(rollout.prompts, rollout)
+        with self.backend.using(model):
+            logps = self.backend.token_logprobs(rollout.prompts, rollout)
         old = inputs.get("old_logps")
         out = grpo_loss(
             logps,

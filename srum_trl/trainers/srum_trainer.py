@@ -217,7 +217,8 @@ class SRUMTrainer(_BaseTrainer):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout, weights = inputs["rollout"], inputs["weights"]
         dropout = self.args.text_dropout if model.training else 0.0
-        per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.loss_guidance, dropout)
+        with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
+            per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.loss_guidance, dropout)
         weight = weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight
         loss = (weight * per_token).mean()
         mode = "train" if model.training else "eval"

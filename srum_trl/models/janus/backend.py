@@ -152,7 +152,22 @@ class JanusBackend(UMMBackend):
     def image_logits(
         self, input_ids: torch.Tensor, attention_mask: torch.Tensor, image_tokens: torch.Tensor
     ) -> torch.Tensor:
-        """Teacher-forced next-image-token logits `[B, T, V]` for every position of `image_tokens` `[B, T]`."""
+        """Teacher-forced next-image-token logits `[B, T, V]` for every position of `image_tokens` `[B, T]`.
+
+        Inside [`using`] with a DDP / FSDP wrapper, the computation runs as the wrapper's forward (the wrapped
+        Janus model's `forward` is swapped for it during the call) so that gradients are synchronised.
+        """
+        runner = getattr(self, "_runner", None)
+        if runner is None or runner is self.model:
+            return self._image_logits(input_ids, attention_mask, image_tokens)
+        core = self.core
+        core.forward = lambda *args, **kwargs: self._image_logits(**kwargs)
+        try:
+            return runner(input_ids=input_ids, attention_mask=attention_mask, image_tokens=image_tokens)
+        finally:
+            del core.forward  # back to the class's forward
+
+    def _image_logits(self, input_ids, attention_mask, image_tokens):
         core = self.core
         text_embeds = core.get_input_embeddings()(input_ids)
         image_embeds = core.prepare_embeddings_for_image_generation(image_tokens[:, :-1])
