@@ -96,6 +96,8 @@ def _generation(gen: GenerateArgs):
 
 def cmd_generate(argv):
     """Write one PNG per prompt line, `{line:05d}.png`; already written files are kept (resume)."""
+    # Batches are fixed by line number (lines k*B .. k*B+B-1 with seed + k), so a resumed or repeated run with the
+    # same --seed and --batch_size writes the same images as an uninterrupted one.
     from transformers import HfArgumentParser
 
     from .data.prompts import load_prompts
@@ -106,16 +108,22 @@ def cmd_generate(argv):
     os.makedirs(gen.out, exist_ok=True)
     from tqdm.auto import tqdm
 
-    todo = [i for i in range(len(prompts)) if not os.path.exists(os.path.join(gen.out, f"{i:05d}.png"))]
+    def done(i):
+        return os.path.exists(os.path.join(gen.out, f"{i:05d}.png"))
+
     config = _generation(gen)
-    for start in tqdm(range(0, len(todo), gen.batch_size), desc="generate", unit="batch"):
-        rows = todo[start : start + gen.batch_size]
-        rollout = backend.generate([prompts[i] for i in rows], config, seed=gen.seed + rows[0])
+    batches = [range(s, min(s + gen.batch_size, len(prompts))) for s in range(0, len(prompts), gen.batch_size)]
+    todo = [(k, rows) for k, rows in enumerate(batches) if not all(done(i) for i in rows)]
+    existing = sum(done(i) for i in range(len(prompts)))
+    for k, rows in tqdm(todo, desc="generate", unit="batch"):
+        rollout = backend.generate([prompts[i] for i in rows], config, seed=gen.seed + k)
         for i, image in zip(rows, rollout.images):
+            if done(i):
+                continue
             tmp = os.path.join(gen.out, f".{i:05d}.png.tmp")
             image.save(tmp, format="PNG")
             os.replace(tmp, os.path.join(gen.out, f"{i:05d}.png"))
-    print(f"{len(prompts)} images in {gen.out} ({len(prompts) - len(todo)} were already there)")
+    print(f"{len(prompts)} images in {gen.out} ({existing} were already there)")
 
 
 def cmd_rollout(argv):

@@ -39,6 +39,11 @@ def test_generate_writes_one_png_per_line(tiny_checkpoint, prompt_file, tmp_path
           "--guidance_scale", "3", "--batch_size", "2"])
     assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"]
     assert Image.open(os.path.join(out, "00001.png")).size == (32, 32)
+    first = open(os.path.join(out, "00002.png"), "rb").read()
+    os.remove(os.path.join(out, "00002.png"))  # as if the run had been killed: the resumed image is the same
+    main(["generate", "--model", tiny_checkpoint, "--prompts", prompt_file, "--out", out, "--seed", "3",
+          "--guidance_scale", "3", "--batch_size", "2"])
+    assert open(os.path.join(out, "00002.png"), "rb").read() == first
 
 
 def test_rollout_show_eval_and_train(tiny_checkpoint, prompt_file, tmp_path):

@@ -78,6 +78,10 @@ def test_judge_bad_configuration(tiny_backend):
         UMMJudgeRewardFunction().judge(_images(1), ["a"])
     with pytest.raises(ValueError, match="2 images but 1 prompts"):
         UMMJudgeRewardFunction(tiny_backend).judge(_images(2), ["a"])
+    with pytest.raises(ValueError, match="put '{box}' in the template"):
+        UMMJudgeRewardFunction(tiny_backend, region_view="box", local_question="is this good")
+    assert "{box}" in UMMJudgeRewardFunction(tiny_backend, region_view="box").local_question
+    assert "{box}" not in UMMJudgeRewardFunction(tiny_backend, mode="text").local_question  # crop view
     bad = UMMJudgeRewardFunction(tiny_backend, region_proposer=CallableProposer(lambda i, p: [(0, 0, 99, 10)]))
     with pytest.raises(ValueError, match="outside"):
         bad.judge(_images(1), ["a red circle"])

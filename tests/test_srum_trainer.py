@@ -42,7 +42,8 @@ def test_config_defaults_follow_the_paper(tmp_path):
     "kw, message",
     [({"loss_guidance": "both"}, "loss_guidance"), ({"judge_mode": "x"}, "judge_mode"),
      ({"text_dropout": 1.5}, "text_dropout"), ({"steps_per_generation": 0}, "steps_per_generation"),
-     ({"constraint_weight": -1}, "constraint_weight"), ({"use_global_reward": False, "use_local_reward": False}, "nothing")],
+     ({"constraint_weight": -1}, "constraint_weight"), ({"use_global_reward": False, "use_local_reward": False}, "nothing"),
+     ({"text_dropout": 0.1}, "only applies to loss_guidance='conditional'")],
 )
 def test_config_rejects_bad_values(tmp_path, kw, message):
     with pytest.raises(ValueError, match=message):
@@ -167,6 +168,13 @@ def test_bad_datasets(tiny_janus, tmp_path, data, message):
     model, processor = tiny_janus
     with pytest.raises(ValueError, match=message):
         SRUMTrainer(model, args=_config(tmp_path), train_dataset=Dataset.from_dict(data), processing_class=processor)
+
+
+def test_dataset_smaller_than_a_round(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    with pytest.raises(ValueError, match="fewer than one round"):
+        SRUMTrainer(model, args=_config(tmp_path, per_device_train_batch_size=4, steps_per_generation=2),
+                    train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=processor)
 
 
 def test_too_long_prompt_fails_before_training(tiny_janus, tmp_path):

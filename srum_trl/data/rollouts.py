@@ -26,7 +26,7 @@ from ..models.base import GenerationConfig, Rollout
 from ..rewards.reward_map import Region, RewardMap
 
 ROLLOUT_COLUMNS = ("prompt", "image", "tokens", "grid", "guidance", "temperature", "global_score", "regions",
-                   "token_map", "reward", "guidance_margin")
+                   "token_map", "reward", "guidance_margin", "rule")
 
 FEATURES = Features(
     {
@@ -41,6 +41,7 @@ FEATURES = Features(
         "token_map": Sequence(Sequence(Value("float32"))),
         "reward": Value("float32"),
         "guidance_margin": Value("float32"),
+        "rule": Value("string"),
     }
 )
 
@@ -53,7 +54,8 @@ def is_rollout_dataset(dataset) -> bool:
 
 def rollout_rows(rollout: Rollout, maps: list[RewardMap], rewards: list[float]) -> dict[str, list]:
     """Column-wise rows of a judged rollout, in the store's schema."""
-    margin = rollout.guidance_margin
+    n = len(rollout)
+    margin = rollout.guidance_margin.tolist() if rollout.guidance_margin is not None else [float("nan")] * n
     h, w = rollout.grid
     return {
         "prompt": list(rollout.prompts),
@@ -66,7 +68,8 @@ def rollout_rows(rollout: Rollout, maps: list[RewardMap], rewards: list[float]) 
         "regions": [[{"box": list(r.box), "score": r.score, "label": r.label} for r in m.regions] for m in maps],
         "token_map": [m.token_map.tolist() for m in maps],
         "reward": [float(r) for r in rewards],
-        "guidance_margin": [float("nan") if margin is None else float(v) for v in (margin if margin is not None else [None] * len(rollout))],
+        "guidance_margin": [float(v) for v in margin],
+        "rule": [m.rule for m in maps],
     }
 
 
@@ -124,6 +127,9 @@ def build_rollouts(
         "top_k": generation.top_k,
         "map_rule": judge.map_rule if isinstance(judge.map_rule, str) else "custom",
         "judge_mode": judge.mode,
+        "judge": {"use_global": judge.use_global, "use_local": judge.use_local, "region_view": judge.region_view,
+                  "region_proposer": repr(judge.region_proposer), "downsample_mode": judge.downsample_mode},
+        "grid": list(backend.token_grid),
     }
     config_path = os.path.join(out_dir, "rollout_config.json")
     if os.path.exists(config_path):
@@ -168,4 +174,4 @@ def reward_map_from_row(row: dict) -> RewardMap:
     token_map = np.asarray(row["token_map"], dtype=np.float32)
     g = row["global_score"]
     g = None if g is None or (isinstance(g, float) and np.isnan(g)) else float(g)
-    return RewardMap(g, regions, token_map, token_map, "stored")
+    return RewardMap(g, regions, token_map, token_map, row.get("rule") or "srum")

@@ -45,6 +45,8 @@ def load_backend(model, adapter: str | None = None, processor=None, backend_kwar
     if not isinstance(model, (str, os.PathLike)):
         raise ValueError(f"`model` must be a path, a model or a UMMBackend, got {type(model).__name__}.")
     path = str(model)
+    if _is_bagel_folder(path):  # official BAGEL layout: llm_config.json + vit_config.json, no usable config.json
+        return load_bagel(path, adapter=adapter, backend_kwargs=backend_kwargs, **model_init_kwargs)
     config = _read_config(path)
     if os.path.isdir(path) and not config:
         raise ValueError(f"{path!r} has no config.json: it is not a model folder that srum_trl can load.")
@@ -66,3 +68,9 @@ __all__ = [
     "register_backend",
     "registered_backends",
 ]
+
+# --- BAGEL (native implementation; official folders are detected by their files in load_backend, folders written
+# by BagelBackend.save_pretrained also carry config.json with model_type "bagel")
+from .bagel import BagelBackend, is_bagel_folder as _is_bagel_folder, load_bagel  # noqa: E402, F401
+
+register_backend("bagel", lambda cfg: cfg.get("model_type") == "bagel", load_bagel)

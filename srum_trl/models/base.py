@@ -30,8 +30,8 @@ class Rollout:
         seed: the seed of the sampler, if one was given.
         guidance_margin: per image, the mean over its tokens of log p_cond - log p_uncond of the sampled token
             (discrete backends with guidance > 1; NaN otherwise). Drift of this number shows guidance compounding.
-        logprobs: `[B, h*w]` log-probabilities of the sampled tokens under the sampling distribution (discrete
-            backends; the "old" log-probs of GRPO).
+        logprobs: `[B, h*w]` log-probabilities of the sampled tokens under the guided, temperature-scaled
+            distribution before any top-k cut (discrete backends; the "old" log-probs of GRPO).
     """
 
     prompts: list[str]

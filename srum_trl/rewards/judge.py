@@ -31,16 +31,21 @@ SCORE_SCALE = (
     "harmless background is 0); -0.9 to -0.5 bad or badly rendered; -1.0 contradicts the prompt."
 )
 
+_SCORE_ASK = " Reply with one line `Score: x`, x between -1.0 and 1.0."
+_REGION_SCORE = "does it show something the description asks for, and is it rendered well? " + SCORE_SCALE + _SCORE_ASK
+
+#: Default questions by (mode, "global") and (mode, "local", region_view).
 DEFAULT_QUESTIONS = {
     ("logits", "global"): 'Does this image match the description "{prompt}"? Answer yes or no.',
-    ("logits", "local"): 'Does this part of an image for "{prompt}" show what the description asks for, well '
-    "rendered? Answer yes or no.",
+    ("logits", "local", "crop"): 'Does this part of an image for "{prompt}" show what the description asks for, '
+    "well rendered? Answer yes or no.",
+    ("logits", "local", "box"): 'Does the region {box} (x0, y0, x1, y1 in pixels) of this image for "{prompt}" show '
+    "what the description asks for, well rendered? Answer yes or no.",
     ("text", "global"): 'Judge how well this image matches the description "{prompt}": its objects, attributes, '
-    "counts and layout. " + SCORE_SCALE + " Reply with one line `Score: x`, x between -1.0 and 1.0.",
-    ("text", "local"): 'The image was generated for "{prompt}". Judge the region {box} (x0, y0, x1, y1 in pixels): '
-    "does it show something the description asks for, and is it rendered well? "
-    + SCORE_SCALE
-    + " Reply with one line `Score: x`, x between -1.0 and 1.0.",
+    "counts and layout. " + SCORE_SCALE + _SCORE_ASK,
+    ("text", "local", "crop"): 'This is a part of an image generated for "{prompt}". Judge it: ' + _REGION_SCORE,
+    ("text", "local", "box"): 'The image was generated for "{prompt}". Judge the region {box} (x0, y0, x1, y1 in '
+    "pixels): " + _REGION_SCORE,
 }
 
 _SCORE_RE = re.compile(r"score\s*[:=]\s*\**\s*([-+]?(?:\d+\.?\d*|\.\d+))", re.IGNORECASE)
@@ -122,7 +127,10 @@ class UMMJudgeRewardFunction:
         self.map_rule = map_rule
         self.use_global, self.use_local = use_global, use_local
         self.global_question = global_question or DEFAULT_QUESTIONS[(mode, "global")]
-        self.local_question = local_question or DEFAULT_QUESTIONS[(mode, "local")]
+        self.local_question = local_question or DEFAULT_QUESTIONS[(mode, "local", region_view)]
+        if region_view == "box" and isinstance(self.local_question, str) and "{box}" not in self.local_question:
+            raise ValueError("region_view='box' shows the whole image, so local_question must name the region: "
+                             "put '{box}' in the template.")
         self.region_view = region_view
         self.frozen = frozen
         self.max_retries = max_retries

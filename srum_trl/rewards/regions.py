@@ -20,7 +20,7 @@ class RegionProposer(Protocol):
 
 
 class GridProposer:
-    """Split the image into a `rows x cols` grid of equal cells (the last row/column takes the remainder).
+    """Split the image into a `rows x cols` grid of near-equal cells (edges at evenly spaced, rounded positions).
 
     Args:
         rows: number of rows. cols: number of columns (default: `rows`).
@@ -57,6 +57,10 @@ class CallableProposer:
         boxes = [tuple(int(round(float(v))) for v in box) for box in self.fn(image, prompt)]
         return boxes[: self.max_regions] if self.max_regions else boxes
 
+    def __repr__(self) -> str:
+        name = f"{getattr(self.fn, '__module__', '')}.{getattr(self.fn, '__qualname__', type(self.fn).__name__)}"
+        return f"CallableProposer({name}, max_regions={self.max_regions})"
+
 
 class SAMProposer:
     """Segment-anything boxes through transformers' `pipeline("mask-generation")`, largest masks first.
@@ -86,6 +90,11 @@ class SAMProposer:
         if len(xs) == 0:
             return None
         return int(xs.min()), int(ys.min()), int(xs.max()) + 1, int(ys.max()) + 1
+
+    def __repr__(self) -> str:
+        model = getattr(getattr(self.pipeline, "model", None), "name_or_path", "pipeline")
+        return (f"SAMProposer({model}, max_regions={self.max_regions}, min_area_fraction={self.min_area_fraction}, "
+                f"{self.pipeline_kwargs})")
 
     def __call__(self, image: Image.Image, prompt: str = "") -> list[tuple[int, int, int, int]]:
         masks = self.pipeline(image, **self.pipeline_kwargs)["masks"]

@@ -133,7 +133,7 @@ class SRUMConfig(_BaseConfig):
             # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
             import torch
 
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or self.use_cpu
+            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
         super().__post_init__()
         if self.loss_guidance not in _LOSS_GUIDANCE:
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
@@ -143,6 +143,11 @@ class SRUMConfig(_BaseConfig):
             self.text_dropout = 0.1 if self.loss_guidance == "conditional" else 0.0
         if not 0.0 <= self.text_dropout < 1.0:
             raise ValueError(f"text_dropout must be in [0, 1), got {self.text_dropout}.")
+        if self.text_dropout > 0 and self.loss_guidance != "conditional":
+            raise ValueError(
+                "text_dropout only applies to loss_guidance='conditional' (the guided loss trains the "
+                "unconditional prediction through u + w (c - u) itself); set text_dropout=0 or use 'conditional'."
+            )
         if self.guidance_scale <= 0:
             raise ValueError(f"guidance_scale must be > 0 (1.0 disables guidance), got {self.guidance_scale}.")
         if self.temperature <= 0:

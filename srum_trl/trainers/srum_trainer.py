@@ -111,6 +111,12 @@ class SRUMTrainer(_BaseTrainer):
             callbacks=callbacks,
             optimizers=optimizers,
         )
+        round_size = args.per_device_train_batch_size * args.steps_per_generation * self.accelerator.num_processes
+        if train_dataset is not None and len(train_dataset) < round_size:
+            raise ValueError(
+                f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts ({round_size} = "
+                "per_device_train_batch_size x steps_per_generation x processes): lower those or add prompts."
+            )
         self._step = 0
         self._buffer: list[dict] | None = None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
@@ -133,10 +139,11 @@ class SRUMTrainer(_BaseTrainer):
         )
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
+        # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes
         return RepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=1,
-            batch_size=self._train_batch_size * self.args.steps_per_generation,
+            batch_size=self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes,
             repeat_count=self.args.steps_per_generation,
             shuffle=True,
             seed=self.args.seed,
@@ -161,7 +168,8 @@ class SRUMTrainer(_BaseTrainer):
         unparsed_before = self.judge.stats["unparsed"]
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
-        metrics[f"rewards/{func_name(self.judge)}/mean"].append(_nanmean(rewards))
+        if global_scores is None:  # otherwise the scalar is the plain functions' score, logged above
+            metrics[f"rewards/{func_name(self.judge)}/mean"].append(_nanmean(rewards))
         if self.judge.mode == "text":
             metrics["judge/unparsed"].append(float(self.judge.stats["unparsed"] - unparsed_before))
         return maps, rewards

@@ -57,6 +57,7 @@ class JanusBackend(UMMBackend):
         self.generation_format = generation_format
         self.understanding_batch_size = understanding_batch_size
         tokenizer = processor.tokenizer
+        tokenizer.padding_side = "left"  # prompts end right before the image / the answer: pad on the left
         if tokenizer.pad_token_id is None:
             raise ValueError("The Janus tokenizer has no pad token; set `tokenizer.pad_token` before training.")
         self._yes_ids = self._answer_token_ids(("yes", "Yes", " yes", " Yes"))
