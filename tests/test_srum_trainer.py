@@ -234,3 +234,10 @@ def test_loss_runs_through_the_trainer_wrapper(tiny_janus, tmp_path):
     routed.backward()
     assert trainer.backend.core.model.generation_head.vision_head.weight.grad is not None
     assert "forward" not in vars(trainer.backend.core)  # the class forward is back
+
+
+def test_config_judge_fields_ignored_with_an_explicit_judge_warns(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    with pytest.warns(UserWarning, match="map_rule"):
+        SRUMTrainer(model, reward_funcs=UMMJudgeRewardFunction(), args=_config(tmp_path, map_rule="signed"),
+                    train_dataset=_dataset(), processing_class=processor)

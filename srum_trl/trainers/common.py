@@ -49,6 +49,7 @@ def resolve_judge(reward_funcs, args, backend) -> tuple[UMMJudgeRewardFunction, 
         raise ValueError("Pass at most one UMMJudgeRewardFunction in reward_funcs: it makes the reward maps.")
     if judges:
         judge = judges[0]
+        _warn_ignored_judge_fields(args)
     else:
         judge = UMMJudgeRewardFunction(
             mode=args.judge_mode,
@@ -61,6 +62,22 @@ def resolve_judge(reward_funcs, args, backend) -> tuple[UMMJudgeRewardFunction, 
             frozen=args.judge_frozen,
         )
     return judge.bind(backend), others
+
+
+_JUDGE_FIELDS = ("judge_mode", "region_proposer", "region_grid", "map_rule", "map_downsample", "use_global_reward",
+                 "use_local_reward", "judge_frozen")
+
+
+def _warn_ignored_judge_fields(args) -> None:
+    """The config's judge fields only build the default judge: say so when a judge was passed and they were set."""
+    import dataclasses
+    import warnings
+
+    defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
+    changed = [n for n in _JUDGE_FIELDS if hasattr(args, n) and getattr(args, n) != defaults.get(n)]
+    if changed:
+        warnings.warn(f"reward_funcs holds a UMMJudgeRewardFunction, so the config's judge fields {changed} are "
+                      "ignored: set them on the judge itself.", stacklevel=3)
 
 
 def check_train_dataset(dataset, name: str = "train_dataset") -> None:

@@ -1,0 +1,63 @@
+"""The shipped ShapesWorld base model and SRUM adapter, the `srum-trl shapes` commands, the evidence summary."""
+
+import json
+import os
+
+import numpy as np
+import pytest
+import torch
+
+from srum_trl.cli import main
+from srum_trl.models import GenerationConfig, load_backend
+from srum_trl.shapes import assets
+from srum_trl.shapes.evidence import _stats, summarize
+
+
+def test_shipped_checkpoint_layout_and_size():
+    base = assets.base_model_path()
+    sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base)]
+    assert sum(sizes) <= 32 * 2**20 and max(sizes) < 16 * 2**20
+    metrics = json.load(open(os.path.join(base, "metrics.json")))
+    assert metrics["understanding_accuracy"] >= 0.9 and metrics["vq_recon_accuracy"] >= 0.95
+    lora = assets.srum_lora_path()
+    assert os.path.getsize(os.path.join(lora, "adapter_model.safetensors")) < 16 * 2**20
+
+
+def test_base_and_adapter_generate(tmp_path):
+    base = load_backend(assets.base_model_path(), dtype="float32")
+    assert base.token_grid == (8, 8) and base.image_size == 64
+    prompts = ["a red circle", "two blue squares"]
+    config = GenerationConfig(guidance=2.0)
+    plain = base.generate(prompts, config, seed=0)
+    assert [im.size for im in plain.images] == [(64, 64)] * 2
+    tuned = load_backend(assets.base_model_path(), adapter=assets.srum_lora_path(), dtype="float32")
+    assert not torch.equal(tuned.generate(prompts, config, seed=0).tokens, plain.tokens)
+
+
+def test_generate_then_shapes_eval(tmp_path, capsys):
+    prompts = tmp_path / "p.txt"
+    main(["shapes", "prompts", "--out", str(prompts), "--n", "4", "--split", "heldout"])
+    out = str(tmp_path / "images")
+    main(["generate", "--model", assets.base_model_path(), "--adapter", assets.srum_lora_path(), "--prompts",
+          str(prompts), "--out", out, "--guidance_scale", "2"])
+    main(["shapes", "eval", "--images", out, "--prompts", str(prompts)])
+    result = json.load(open(os.path.join(out, "shapes_eval.json")))
+    assert result["num_images"] == 4 and 0 <= result["accuracy"]["overall"] <= 1
+    assert "overall" in capsys.readouterr().out
+
+
+def test_stats_and_summary_hand_computed():
+    s = _stats(np.array([0.7, 0.8, 0.9]))
+    assert s["mean"] == pytest.approx(0.8) and s["std"] == pytest.approx(0.1) and s["se"] == pytest.approx(0.1 / 3**0.5)
+    base = {"heldout": {"overall": 0.6}, "understanding": 0.9}
+
+    def row(arm, seed, acc):
+        return {"arm": arm, "seed": seed, "heldout": {"overall": acc, "guidance_margin": 1.0}, "understanding": 0.9,
+                "history": [{"heldout_accuracy": acc}]}
+
+    rows = [row("sft", 0, 0.6), row("sft", 1, 0.6), row("srum", 0, 0.7), row("srum", 1, 0.7),
+            {"arm": "srum", "seed": 2, "error": "boom"}]
+    summary = summarize(rows, base)
+    assert summary["srum"]["overall"]["mean"] == pytest.approx(0.7) and summary["srum"]["seeds"] == [0, 1]
+    assert summary["srum"]["error_closed"] == pytest.approx(0.25)  # (0.7 - 0.6) / (1 - 0.6)
+    assert summary["srum"]["vs_sft_in_se"] is None  # zero spread: no standard error to compare with
