@@ -170,14 +170,13 @@ def cmd_eval(argv):
     print(json.dumps(result, indent=2))
 
 
-def cmd_train(argv):
-    """SRUM training; every SRUMConfig field and TRL's ModelConfig (LoRA) flags are accepted."""
+def run_training(trainer_cls, config_cls, argv, prog: str):
+    """Parse `TrainScriptArgs` + `config_cls` + TRL's `ModelConfig` from `argv`, train, save (and push)."""
     from trl import ModelConfig, TrlParser, get_peft_config
 
     from .data.prompts import load_prompt_dataset
-    from .trainers import SRUMConfig, SRUMTrainer
 
-    parser = TrlParser((TrainScriptArgs, SRUMConfig, ModelConfig), prog="srum-trl train")
+    parser = TrlParser((TrainScriptArgs, config_cls, ModelConfig), prog=prog)
     script, config, model_config = parser.parse_args_and_config(argv)
     if model_config.model_name_or_path is None:
         parser.error("--model_name_or_path is required")
@@ -191,12 +190,27 @@ def cmd_train(argv):
         train = train.select(range(min(script.max_prompts, len(train))))
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
     peft_config = get_peft_config(model_config)  # target_modules None: the backend's default LoRA targets
-    trainer = SRUMTrainer(model_config.model_name_or_path, args=config, train_dataset=train,
+    trainer = trainer_cls(model_config.model_name_or_path, args=config, train_dataset=train,
                           eval_dataset=eval_dataset, peft_config=peft_config)
     trainer.train()
     trainer.save_model(config.output_dir)
     if config.push_to_hub:
         trainer.push_to_hub()
+    return trainer
+
+
+def cmd_train(argv):
+    """SRUM training; every SRUMConfig field and TRL's ModelConfig (LoRA) flags are accepted."""
+    from .trainers import SRUMConfig, SRUMTrainer
+
+    run_training(SRUMTrainer, SRUMConfig, argv, "srum-trl train")
+
+
+def cmd_grpo(argv):
+    """GRPO (or self-SFT with --mode sft) on image tokens; every GRPOUMMConfig field and LoRA flag is accepted."""
+    from .trainers import GRPOUMMConfig, GRPOUMMTrainer
+
+    run_training(GRPOUMMTrainer, GRPOUMMConfig, argv, "srum-trl grpo")
 
 
 def _save_pictures(dataset, indices, folder):
@@ -236,6 +250,7 @@ COMMANDS = {
     "generate": cmd_generate,
     "rollout": cmd_rollout,
     "train": cmd_train,
+    "grpo": cmd_grpo,
     "eval": cmd_eval,
     "show": cmd_show,
 }

@@ -21,7 +21,7 @@ def prompt_file(tmp_path):
 def test_help_everywhere(capsys):
     main(["--help"])
     assert "generate" in capsys.readouterr().out
-    for command in ("generate", "rollout", "train", "eval", "show"):
+    for command in ("generate", "rollout", "train", "grpo", "eval", "show"):
         with pytest.raises(SystemExit) as info:
             main([command, "--help"])
         assert info.value.code == 0

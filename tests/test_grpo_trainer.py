@@ -2,7 +2,6 @@
 tiny Janus model."""
 
 import dataclasses
-import importlib.util
 import math
 import os
 
@@ -300,15 +299,13 @@ def test_every_config_field_is_documented():
     assert all(f.metadata.get("help") for f in dataclasses.fields(GRPOUMMConfig) if f.name in own)
 
 
-def test_example_script_runs(tiny_checkpoint, tmp_path):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    spec = importlib.util.spec_from_file_location("grpo_janus", os.path.join(root, "examples", "grpo_janus.py"))
-    example = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(example)
+def test_grpo_command_runs(tiny_checkpoint, tmp_path):
+    from srum_trl.cli import main
+
     prompts = tmp_path / "prompts.txt"
     prompts.write_text("a red circle\na blue square\n")
     out = str(tmp_path / "run")
-    example.main(["--model_name_or_path", tiny_checkpoint, "--prompts", str(prompts), "--output_dir", out,
+    main(["grpo", "--model_name_or_path", tiny_checkpoint, "--prompts", str(prompts), "--output_dir", out,
                   "--num_generations", "2", "--per_device_train_batch_size", "4", "--max_steps", "1",
                   "--bf16", "false", "--report_to", "none", "--save_strategy", "no", "--guidance_scale", "3",
                   "--dtype", "float32", "--use_peft", "--lora_r", "2", "--beta", "0.1"])

@@ -59,6 +59,7 @@ def load_backend(model, adapter: str | None = None, processor=None, backend_kwar
 
 
 __all__ = [
+    "BagelBackend",
     "GenerationConfig",
     "JanusBackend",
     "Rollout",
@@ -71,6 +72,6 @@ __all__ = [
 
 # --- BAGEL (native implementation; official folders are detected by their files in load_backend, folders written
 # by BagelBackend.save_pretrained also carry config.json with model_type "bagel")
-from .bagel import BagelBackend, is_bagel_folder as _is_bagel_folder, load_bagel  # noqa: E402, F401
+from .bagel import BagelBackend, is_bagel_folder as _is_bagel_folder, load_bagel  # noqa: E402
 
 register_backend("bagel", lambda cfg: cfg.get("model_type") == "bagel", load_bagel)

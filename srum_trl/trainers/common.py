@@ -51,17 +51,22 @@ def resolve_judge(reward_funcs, args, backend) -> tuple[UMMJudgeRewardFunction, 
         judge = judges[0]
         _warn_ignored_judge_fields(args)
     else:
-        judge = UMMJudgeRewardFunction(
-            mode=args.judge_mode,
-            region_proposer=args.region_proposer,
-            region_grid=args.region_grid,
-            map_rule=args.map_rule,
-            downsample_mode=args.map_downsample,
-            use_global=args.use_global_reward,
-            use_local=args.use_local_reward,
-            frozen=args.judge_frozen,
-        )
+        judge = default_judge(args)
     return judge.bind(backend), others
+
+
+def default_judge(args) -> UMMJudgeRewardFunction:
+    """The self-judge built from a config's judge fields (`judge_mode`, `region_proposer`, `map_rule`, ...)."""
+    return UMMJudgeRewardFunction(
+        mode=args.judge_mode,
+        region_proposer=args.region_proposer,
+        region_grid=args.region_grid,
+        map_rule=args.map_rule,
+        downsample_mode=args.map_downsample,
+        use_global=getattr(args, "use_global_reward", True),
+        use_local=getattr(args, "use_local_reward", True),
+        frozen=args.judge_frozen,
+    )
 
 
 _JUDGE_FIELDS = ("judge_mode", "region_proposer", "region_grid", "map_rule", "map_downsample", "use_global_reward",

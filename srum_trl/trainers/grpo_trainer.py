@@ -30,7 +30,7 @@ from trl.trainer.utils import RepeatSampler, nanstd
 from ..data.rollouts import is_rollout_dataset
 from ..models import GenerationConfig
 from ..rewards import UMMJudgeRewardFunction
-from .common import check_rewards, check_train_dataset, func_name, resolve_backend
+from .common import check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
 from .grpo_config import GRPOUMMConfig
 from .grpo_loss import (
     combine_rewards,
@@ -150,15 +150,7 @@ class GRPOUMMTrainer(_BaseTrainer):
 
     def _resolve_reward_funcs(self, reward_funcs, args) -> list:
         if reward_funcs is None:
-            judge = UMMJudgeRewardFunction(
-                mode=args.judge_mode,
-                region_proposer=args.region_proposer,
-                region_grid=args.region_grid,
-                map_rule=args.map_rule,
-                downsample_mode=args.map_downsample,
-                frozen=args.judge_frozen,
-            )
-            return [judge.bind(self.backend)]
+            return [default_judge(args).bind(self.backend)]
         funcs = list(reward_funcs) if isinstance(reward_funcs, (list, tuple)) else [reward_funcs]
         if not funcs:
             raise ValueError("reward_funcs is empty; pass at least one reward function (or None for the self-judge).")
