@@ -18,18 +18,16 @@ from __future__ import annotations
 import contextlib
 import copy
 import math
-import os
 import time
-from collections import defaultdict
 
 import torch
 from torch.utils.data import Sampler
-from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler, nanstd
 
 from ..data.rollouts import is_rollout_dataset
 from ..models import GenerationConfig
 from ..rewards import UMMJudgeRewardFunction
+from .base import UMMTrainerBase, identity_collator, nanmean
 from .common import check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
 from .grpo_config import GRPOUMMConfig
 from .grpo_loss import (
@@ -49,17 +47,7 @@ _CITATION = """\
 }"""
 
 
-def _nanmean(values) -> float:
-    values = torch.as_tensor([float(v) for v in values], dtype=torch.float64)
-    return float(torch.nanmean(values)) if values.numel() else math.nan
-
-
-def _identity_collator(features):
-    return features
-
-
-# ------------------------------------------------------------------------------------------------------ trainer
-class GRPOUMMTrainer(_BaseTrainer):
+class GRPOUMMTrainer(UMMTrainerBase):
     """GRPO (and self-SFT) for unified multimodal models on TRL's trainer base, with TRL's GRPO names.
 
     Args:
@@ -85,8 +73,6 @@ class GRPOUMMTrainer(_BaseTrainer):
         "id": "2505.23380",
         "citation": _CITATION,
     }
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model,
@@ -135,7 +121,7 @@ class GRPOUMMTrainer(_BaseTrainer):
         super().__init__(
             model=self.backend.model,
             args=args,
-            data_collator=_identity_collator,
+            data_collator=identity_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.backend.processor,
@@ -144,9 +130,7 @@ class GRPOUMMTrainer(_BaseTrainer):
         )
         if self.ref_backend is not None and self.ref_backend is not self.backend:
             self.ref_backend.model.to(self.accelerator.device)
-        self._step = 0
-        self._buffer: list[dict] | None = None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_state()
 
     def _resolve_reward_funcs(self, reward_funcs, args) -> list:
         if reward_funcs is None:
@@ -184,10 +168,6 @@ class GRPOUMMTrainer(_BaseTrainer):
         return ref
 
     # ------------------------------------------------------------------------------------------------ data
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
     def get_train_dataloader(self):
         # One dataloader batch = one generation round on this process (per-device batch x steps_per_generation
         # rows, each prompt G times); `_prepare_inputs` slices it into micro-batches.
@@ -264,7 +244,7 @@ class GRPOUMMTrainer(_BaseTrainer):
         metrics["frac_reward_zero_std"].append(float(zero_std.float().mean()))
         metrics["completions/mean_length"].append(float(math.prod(rollout.grid)))
         if rollout.guidance_margin is not None:
-            metrics["guidance_margin"].append(_nanmean(rollout.guidance_margin.tolist()))
+            metrics["guidance_margin"].append(nanmean(rollout.guidance_margin.tolist()))
         out = {"rollout": rollout}
         if args.mode == "sft":
             if args.sft_best_of_n:
@@ -334,11 +314,6 @@ class GRPOUMMTrainer(_BaseTrainer):
             self._buffer = self._split(self._generate_and_score(batch, mode))
         return self._buffer[self._step % self.args.steps_per_generation % len(self._buffer)]
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        out = super().training_step(model, inputs, num_items_in_batch)
-        self._step += 1
-        return out
-
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
@@ -370,36 +345,3 @@ class GRPOUMMTrainer(_BaseTrainer):
         for key, value in out.metrics.items():
             self._metrics[mode][key].append(value)
         return (out.loss, None) if return_outputs else out.loss
-
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
-    # ---------------------------------------------------------------------------------------------- logging
-    def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            logs[prefix + key] = _nanmean(values)
-        self._metrics[mode].clear()
-        super().log(logs, start_time)
-
-    # ---------------------------------------------------------------------------------------------- saving
-    def _save_checkpoint(self, model, trial):
-        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
-            os.path.normpath(self.args.output_dir))
-        self.create_model_card(model_name=name)
-        super()._save_checkpoint(model, trial)
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`; if it fails after some optimizer steps, the weights reached so far are saved to
-        `output_dir/interrupted-step-N` before the error propagates."""
-        try:
-            return super().train(*args, **kwargs)
-        except BaseException:
-            if self.state.global_step > 0 and self.is_world_process_zero():
-                self.save_model(os.path.join(self.args.output_dir, f"interrupted-step-{self.state.global_step}"))
-            raise
-

@@ -13,16 +13,15 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections import defaultdict
 
 import torch
 from torch.utils.data import Sampler
-from trl.trainer.base_trainer import _BaseTrainer
 from trl.trainer.utils import RepeatSampler
 
 from ..data.rollouts import is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
 from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
+from .base import UMMTrainerBase, identity_collator, nanmean
 from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
 from .srum_config import SRUMConfig
 
@@ -35,11 +34,7 @@ _CITATION = """\
 }"""
 
 
-def _identity_collator(features):
-    return features
-
-
-class SRUMTrainer(_BaseTrainer):
+class SRUMTrainer(UMMTrainerBase):
     """Trainer for SRUM, on TRL's trainer base (logging, checkpoints, model cards, `push_to_hub`).
 
     Args:
@@ -64,8 +59,6 @@ class SRUMTrainer(_BaseTrainer):
         "id": "2510.12784",
         "citation": _CITATION,
     }
-    loss_is_scaled_for_ga = False
-
     def __init__(
         self,
         model,
@@ -104,7 +97,7 @@ class SRUMTrainer(_BaseTrainer):
         super().__init__(
             model=self.backend.model,
             args=args,
-            data_collator=_identity_collator,
+            data_collator=identity_collator,
             train_dataset=train_dataset,
             eval_dataset=eval_dataset,
             processing_class=self.backend.processor,
@@ -117,16 +110,10 @@ class SRUMTrainer(_BaseTrainer):
                 f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts ({round_size} = "
                 "per_device_train_batch_size x steps_per_generation x processes): lower those or add prompts."
             )
-        self._step = 0
-        self._buffer: list[dict] | None = None
-        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+        self._init_state()
         self._last_round: tuple | None = None
 
     # ------------------------------------------------------------------------------------------------ data
-    def _set_signature_columns_if_needed(self):
-        if self._signature_columns is None:
-            self._signature_columns = ["prompt"]
-
     def get_train_dataloader(self):
         # One dataloader batch = one generation round (per-device batch x steps_per_generation prompts), repeated
         # steps_per_generation times so that the Trainer's step count stays right; `_prepare_inputs` slices it.
@@ -161,15 +148,15 @@ class SRUMTrainer(_BaseTrainer):
                 for v in values:
                     if not math.isnan(v) and not -1.0 <= v <= 1.0:
                         raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
-                metrics[f"rewards/{func_name(f)}/mean"].append(_nanmean(values))
+                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(values))
                 per_func.append(values)
-            global_scores = [_nanmean(list(col)) for col in zip(*per_func)]
+            global_scores = [nanmean(list(col)) for col in zip(*per_func)]
             global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
         unparsed_before = self.judge.stats["unparsed"]
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
         if global_scores is None:  # otherwise the scalar is the plain functions' score, logged above
-            metrics[f"rewards/{func_name(self.judge)}/mean"].append(_nanmean(rewards))
+            metrics[f"rewards/{func_name(self.judge)}/mean"].append(nanmean(rewards))
         if self.judge.mode == "text":
             metrics["judge/unparsed"].append(float(self.judge.stats["unparsed"] - unparsed_before))
         return maps, rewards
@@ -194,9 +181,9 @@ class SRUMTrainer(_BaseTrainer):
             weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
             self._last_round = (rollout, maps)
             if rollout.guidance_margin is not None:
-                metrics["guidance_margin"].append(_nanmean(rollout.guidance_margin.tolist()))
+                metrics["guidance_margin"].append(nanmean(rollout.guidance_margin.tolist()))
             _log_map_stats(metrics, maps)
-        metrics["reward"].append(_nanmean(rewards))
+        metrics["reward"].append(nanmean(rewards))
         metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
         metrics["srum/token_weight"].append(float(weights.mean()))
         return {"rollout": rollout, "weights": weights}
@@ -216,11 +203,6 @@ class SRUMTrainer(_BaseTrainer):
             ]
         return self._buffer[self._step % len(self._buffer)]
 
-    def training_step(self, model, inputs, num_items_in_batch=None):
-        out = super().training_step(model, inputs, num_items_in_batch)
-        self._step += 1
-        return out
-
     # ------------------------------------------------------------------------------------------------ loss
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         rollout, weights = inputs["rollout"], inputs["weights"]
@@ -233,19 +215,8 @@ class SRUMTrainer(_BaseTrainer):
         self._metrics[mode]["srum/token_loss"].append(float(per_token.detach().mean()))
         return (loss, None) if return_outputs else loss
 
-    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
-        inputs = self._prepare_inputs(inputs)
-        with torch.no_grad(), self.compute_loss_context_manager():
-            loss = self.compute_loss(model, inputs)
-        return loss.detach(), None, None
-
     # ---------------------------------------------------------------------------------------------- logging
     def log(self, logs: dict, start_time: float | None = None) -> None:
-        mode = "train" if self.model.training else "eval"
-        prefix = "eval_" if mode == "eval" else ""
-        for key, values in self._metrics[mode].items():
-            logs[prefix + key] = _nanmean(values)
-        self._metrics[mode].clear()
         super().log(logs, start_time)
         if self.args.save_reward_maps and self._last_round is not None and self.is_world_process_zero():
             self._save_reward_maps()
@@ -257,29 +228,6 @@ class SRUMTrainer(_BaseTrainer):
         for i in range(min(self.args.save_reward_maps, len(maps))):
             picture = render_reward_map(rollout.images[i], maps[i], rollout.prompts[i])
             picture.save(os.path.join(folder, f"step{self.state.global_step:06d}_{i}.png"))
-
-    # ---------------------------------------------------------------------------------------------- saving
-    def _save_checkpoint(self, model, trial):
-        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
-            os.path.normpath(self.args.output_dir))
-        self.create_model_card(model_name=name)
-        super()._save_checkpoint(model, trial)
-
-    def train(self, *args, **kwargs):
-        """`Trainer.train`; if it fails after some optimizer steps, the weights reached so far are saved to
-        `output_dir/interrupted-step-N` before the error propagates, so no progress is lost."""
-        try:
-            return super().train(*args, **kwargs)
-        except BaseException:
-            if self.state.global_step > 0 and self.is_world_process_zero():
-                self.save_model(os.path.join(self.args.output_dir, f"interrupted-step-{self.state.global_step}"))
-            raise
-
-
-def _nanmean(values) -> float:
-    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
-    return sum(values) / len(values) if values else float("nan")
-
 
 def _log_map_stats(metrics, maps: list[RewardMap]) -> None:
     g = [m.global_score for m in maps if m.global_score is not None]

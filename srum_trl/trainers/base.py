@@ -1,0 +1,74 @@
+"""What every self-rewarding trainer shares, on top of TRL's `_BaseTrainer`: a micro-step counter for rollout
+buffers, metric averaging in `log`, loss-only evaluation, model cards in checkpoints, and keeping the progress of
+a run that fails."""
+
+from __future__ import annotations
+
+import math
+import os
+from collections import defaultdict
+
+import torch
+from trl.trainer.base_trainer import _BaseTrainer
+
+
+def nanmean(values) -> float:
+    """Mean of the non-NaN values (NaN when there are none)."""
+    values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
+    return sum(values) / len(values) if values else float("nan")
+
+
+def identity_collator(features):
+    """Rows go to `_prepare_inputs` as they are (a list of dicts)."""
+    return features
+
+
+class UMMTrainerBase(_BaseTrainer):
+    """Base of [`SRUMTrainer`] and [`GRPOUMMTrainer`]. Subclasses fill `self._metrics[mode][key]` lists; `log`
+    averages them (NaN-skipping) under the same keys, prefixed with `eval_` in evaluation."""
+
+    loss_is_scaled_for_ga = False
+
+    def _init_state(self) -> None:
+        self._step = 0  # micro-steps taken: which slice of the buffered rollout round to serve
+        self._buffer: list[dict] | None = None
+        self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _set_signature_columns_if_needed(self):
+        if self._signature_columns is None:
+            self._signature_columns = ["prompt"]
+
+    def training_step(self, model, inputs, num_items_in_batch=None):
+        out = super().training_step(model, inputs, num_items_in_batch)
+        self._step += 1
+        return out
+
+    def prediction_step(self, model, inputs, prediction_loss_only, ignore_keys=None):
+        inputs = self._prepare_inputs(inputs)
+        with torch.no_grad(), self.compute_loss_context_manager():
+            loss = self.compute_loss(model, inputs)
+        return loss.detach(), None, None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        mode = "train" if self.model.training else "eval"
+        prefix = "eval_" if mode == "eval" else ""
+        for key, values in self._metrics[mode].items():
+            logs[prefix + key] = nanmean(values)
+        self._metrics[mode].clear()
+        super().log(logs, start_time)
+
+    def _save_checkpoint(self, model, trial):
+        name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
+            os.path.normpath(self.args.output_dir))
+        self.create_model_card(model_name=name)
+        super()._save_checkpoint(model, trial)
+
+    def train(self, *args, **kwargs):
+        """`Trainer.train`; if it fails after some optimizer steps, the weights reached so far are saved to
+        `output_dir/interrupted-step-N` before the error propagates, so no progress is lost."""
+        try:
+            return super().train(*args, **kwargs)
+        except BaseException:
+            if self.state.global_step > 0 and self.is_world_process_zero():
+                self.save_model(os.path.join(self.args.output_dir, f"interrupted-step-{self.state.global_step}"))
+            raise
