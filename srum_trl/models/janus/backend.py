@@ -40,6 +40,9 @@ class JanusBackend(UMMBackend):
         generation_format: how a prompt is written for image generation (`{prompt}`); `None` uses the chat
             template when there is one, else the bare prompt. The processor appends the begin-of-image token.
         understanding_batch_size: images per forward pass of [`yes_probability`] and [`answer`].
+        decode_path: how [`generate`] decodes image tokens: "reference" (default, `_sample`: DynamicCache, CPU
+            sampling) or "fast" (`fast.FastJanusSampler`: static K/V buffers, CUDA graphs and on-device sampling on
+            CUDA; on the CPU the same tokens as "reference" for a seed). See docs/speed.md.
     """
 
     token_kind = "discrete"
@@ -51,8 +54,12 @@ class JanusBackend(UMMBackend):
         question_format: str | None = None,
         generation_format: str | None = None,
         understanding_batch_size: int = 32,
+        decode_path: str = "reference",
     ):
         super().__init__(model, processor)
+        if decode_path not in ("reference", "fast"):
+            raise ValueError(f"decode_path must be 'reference' or 'fast', got {decode_path!r}.")
+        self.decode_path = decode_path
         self.question_format = question_format
         self.generation_format = generation_format
         self.understanding_batch_size = understanding_batch_size
@@ -192,10 +199,15 @@ class JanusBackend(UMMBackend):
         was_training = self.model.training
         self.model.eval()
         tokens, margins, logprobs = [], [], []
+        sample = self._sample
+        if self.decode_path == "fast":  # static-cache decoder (srum_trl/models/janus/fast.py), one per call
+            from .fast import FastJanusSampler
+
+            sample = FastJanusSampler(self)
         starts = range(0, len(prompts), config.batch_size)
         for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
             batch = prompts[start : start + config.batch_size]
-            t, m, lp = self._sample(batch, config, generator)
+            t, m, lp = sample(batch, config, generator)
             tokens.append(t)
             margins.append(m)
             logprobs.append(lp)

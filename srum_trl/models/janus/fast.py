@@ -1,0 +1,363 @@
+"""A fast image-token decoder for [`JanusBackend`] (`decode_path="fast"`), equivalent to the reference sampler.
+
+The reference sampler (`JanusBackend._sample`) grows a `DynamicCache` by concatenation, rebuilds the attention mask
+and the position ids every token, runs the whole `LlamaModel.forward` (mask construction, output-capturing hooks,
+...) and moves the probabilities to the CPU to sample. On a GPU its time is dominated by host work, not by the
+memory traffic that a decode step really needs. This module decodes the same tokens with:
+
+* one preallocated K/V buffer per layer, `[rows, kv_heads, length, head_dim]`, sized once for the cond + uncond
+  rows (2B with guidance, B without) and `prompt + image tokens`, written in place with `index_copy_` at a
+  cache-position tensor ([`StaticKVCache`]);
+* a fixed-size additive attention mask `[rows, 1, 1, length]` that each step unmasks in place (`index_fill_`);
+* position ids and cache positions computed on the device from one step counter (no host arithmetic);
+* a per-token step made of two functions over fixed shapes: `forward` (image-token embedding -> decoder layers
+  -> generation head -> logits in a static buffer) and, with device sampling, `sample` (CFG, temperature, top-k,
+  exponential-race (Gumbel-max) sampling with noise drawn from a device generator, bookkeeping). Both only read and
+  write static buffers and are idempotent for a given step counter, so on CUDA each is captured once in a
+  `torch.cuda.CUDAGraph` and replayed; on the CPU they run eagerly.
+* attention over a length bucket: step `i` attends to the first `round_up(prompt + i, bucket)` cache slots (a
+  view of the static buffer), so the K/V bytes read grow with the sequence instead of always being the full length;
+  one graph per bucket.
+
+Sampling modes: `"host"` reproduces the reference's random-number use exactly (a CPU `torch.Generator`,
+`torch.multinomial(probs.cpu(), 1)` per step), so that with the same seed the tokens equal the reference's (up to
+float rounding of the probabilities: the attention reductions run over masked slots in a different order). It
+synchronises with the host every token. `"device"` never synchronises: the noise of an exponential race comes from a
+device generator seeded from the CPU generator, so runs are reproducible for a seed but draw other tokens than the
+reference. `"auto"` (default) is host on the CPU and device on CUDA.
+
+Graphs and buffers live as long as one [`FastJanusSampler`], i.e. one `JanusBackend.generate` call: they are
+rebuilt when the batch shape changes and released afterwards, so they never hold memory during training and never
+replay a stale adapter state (a PEFT adapter disabled or enabled between calls changes the captured kernels).
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+
+import torch
+
+__all__ = ["FastJanusDecoder", "FastJanusSampler", "StaticKVCache", "guided_scores"]
+
+
+def _round_up(n: int, multiple: int) -> int:
+    return -(-n // multiple) * multiple
+
+
+def guided_scores(logits: torch.Tensor, guidance: float, temperature: float, top_k: int | None):
+    """`(guided_logits, probs, cond, uncond)` of the float32 logits `[rows, V]`, with the reference's operations in
+    the reference's order: `u + w (c - u)`, `/ temperature`, top-k cut to `-inf`, softmax. Without guidance `cond`
+    and `uncond` are `None` and the logits are used as they are."""
+    cond = uncond = None
+    if guidance != 1.0:
+        cond, uncond = logits.chunk(2)
+        logits = uncond + guidance * (cond - uncond)
+    scores = logits / temperature
+    if top_k is not None:
+        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
+        scores = scores.masked_fill(scores < kth, float("-inf"))
+    return logits, torch.softmax(scores, dim=-1), cond, uncond
+
+
+class StaticKVCache:
+    """Preallocated keys and values of every decoder layer, written in place.
+
+    The decoder layers see it as their `past_key_values`: `update(k, v, layer_idx)` copies the new states into the
+    slots named by `write_index` (a device tensor of cache positions) and returns views of the first `kv_len`
+    slots. The buffers are allocated once and never replaced, so their addresses stay fixed (CUDA-graph safe).
+    """
+
+    is_compileable = True
+
+    def __init__(self, num_layers, rows, kv_heads, length, head_dim, dtype, device):
+        shape = (rows, kv_heads, length, head_dim)
+        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.max_length = length
+        self.write_index: torch.Tensor | None = None
+        self.kv_len = length
+
+    def update(self, key_states, value_states, layer_idx, *args, **kwargs):
+        keys, values = self.keys[layer_idx], self.values[layer_idx]
+        keys.index_copy_(2, self.write_index, key_states)
+        values.index_copy_(2, self.write_index, value_states)
+        return keys[:, :, : self.kv_len], values[:, :, : self.kv_len]
+
+    def data_ptrs(self) -> list[int]:
+        return [t.data_ptr() for t in self.keys + self.values]
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+
+
+class _GraphRunner:
+    """Runs an idempotent function over static buffers: eagerly, or on CUDA captured once per key and replayed."""
+
+    def __init__(self, device: torch.device, enabled: bool):
+        self.device = device
+        self.enabled = enabled and device.type == "cuda"
+        self.graphs: dict = {}
+        self.captures = 0
+        self._pool = None
+
+    def __call__(self, key, fn) -> None:
+        if not self.enabled:
+            fn()
+            return
+        graph = self.graphs.get(key)
+        if graph is None:
+            graph = self._capture(fn)
+            if graph is None:  # capture failed: eager from now on (the warm-up already ran fn)
+                fn()
+                return
+            self.graphs[key] = graph
+        graph.replay()
+
+    def _capture(self, fn):
+        if self._pool is None:
+            self._pool = torch.cuda.graph_pool_handle()
+        stream = torch.cuda.Stream(device=self.device)
+        stream.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(stream):  # warm-up off the capture (lazy cuBLAS / allocator work); fn is idempotent
+            fn()
+            fn()
+        torch.cuda.current_stream(self.device).wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        try:
+            # thread_local: CUDA calls of other threads (pin-memory threads of data loaders) do not void the capture
+            with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
+                fn()
+        except Exception as error:  # noqa: BLE001 - fall back rather than fail a rollout
+            warnings.warn(f"CUDA graph capture failed ({error!r}); the fast Janus decoder continues eagerly.")
+            self.enabled = False
+            torch.cuda.synchronize(self.device)
+            return None
+        self.captures += 1
+        return graph
+
+
+class FastJanusDecoder:
+    """Static-shape decoder of one batch shape: `batch` prompts (left-padded to `prompt_len` tokens), with or
+    without their unconditional rows. Reusable for any batch of the same shape (call [`run`] again).
+
+    Args:
+        backend: the [`JanusBackend`].
+        batch: prompts per batch (B).
+        prompt_len: prompt tokens per row after left padding (the cache slots before the image).
+        guided: whether rows are cond + uncond (2B rows) or cond only (B rows).
+        bucket: attention-length granularity of the decode steps (one CUDA graph per bucket).
+        cuda_graphs: capture the step functions in CUDA graphs when the model is on CUDA.
+    """
+
+    def __init__(self, backend, batch: int, prompt_len: int, guided: bool, bucket: int = 64, cuda_graphs: bool = True):
+        core = backend.core
+        lm = core.model.language_model
+        config = lm.config
+        attn = getattr(config, "_attn_implementation", "sdpa")
+        if attn not in ("sdpa", "eager"):
+            raise ValueError(
+                f"The fast Janus decoder needs the language model's attention to be 'sdpa' or 'eager' (it passes an "
+                f"additive 4D mask); got {attn!r}. Load the model with attn_implementation='sdpa' or use "
+                f"decode_path='reference'."
+            )
+        param = next(lm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        self.core, self.lm = core, lm
+        self.layers = list(lm.layers[: config.num_hidden_layers])
+        self.batch, self.prompt_len, self.guided = batch, prompt_len, guided
+        self.rows = 2 * batch if guided else batch
+        self.num_tokens = backend.num_image_tokens
+        self.bucket = bucket
+        # slots: the prompt, then every image token but the last (it is sampled, never fed back)
+        self.length = _round_up(prompt_len + self.num_tokens - 1, bucket)
+        head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+        kv_heads = getattr(config, "num_key_value_heads", None) or config.num_attention_heads
+        self.cache = StaticKVCache(len(self.layers), self.rows, kv_heads, self.length, head_dim, self.dtype,
+                                   self.device)
+        dev = self.device
+        self.min_value = torch.finfo(self.dtype).min
+        self.mask = torch.full((self.rows, 1, 1, self.length), self.min_value, dtype=self.dtype, device=dev)
+        self.step = torch.zeros(1, dtype=torch.long, device=dev)  # index of the image token being sampled
+        self.slot0 = torch.full((1,), prompt_len - 1, dtype=torch.long, device=dev)  # slot of step 1's input - 1
+        self.last_pos = torch.zeros(self.rows, dtype=torch.long, device=dev)  # position of each row's last prompt token
+        self.token_in = torch.zeros(self.rows, dtype=torch.long, device=dev)  # the token fed at the next forward
+        vocab = core.model.generation_head.vision_head.out_features
+        self.logits = torch.zeros(self.rows, vocab, dtype=torch.float32, device=dev)
+        self.noise = torch.ones(batch, vocab, dtype=torch.float32, device=dev)
+        self.tokens = torch.zeros(batch, self.num_tokens, dtype=torch.long, device=dev)
+        self.logprobs = torch.zeros(batch, self.num_tokens, dtype=torch.float32, device=dev)
+        self.margins = torch.zeros(batch, self.num_tokens, dtype=torch.float32, device=dev)
+        self.graphs = _GraphRunner(dev, cuda_graphs)
+
+    @property
+    def key(self) -> tuple:
+        return (self.batch, self.prompt_len, self.guided)
+
+    def kv_len(self, step: int) -> int:
+        """Slots attended by the forward of step `step` (>= 1): the prompt and image tokens 0..step-1, rounded up."""
+        return min(self.length, _round_up(self.prompt_len + step, self.bucket))
+
+    # ---------------------------------------------------------------------------------------------------- pieces
+    def _layers(self, hidden, mask, positions):
+        position_embeddings = self.lm.rotary_emb(hidden, positions)
+        for layer in self.layers:
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
+                           use_cache=True, position_embeddings=position_embeddings)
+        return self.lm.norm(hidden)
+
+    def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
+        """Run the prompts (`[rows, prompt_len]`, left-padded, uncond rows included) into the cache, put the first
+        image token's logits in `self.logits` and reset the decode mask. Eager, variable shapes (once per batch)."""
+        rows, length = ids.shape
+        if (rows, length) != (self.rows, self.prompt_len):
+            raise ValueError(f"prefill got ids {tuple(ids.shape)}; the decoder holds {(self.rows, self.prompt_len)}.")
+        positions = (mask.long().cumsum(-1) - 1).clamp(min=0)
+        keep = mask.bool()
+        causal = torch.ones(length, length, dtype=torch.bool, device=self.device).tril()
+        allowed = causal[None] & keep[:, None, :]
+        mask4d = torch.zeros(rows, 1, length, length, dtype=self.dtype, device=self.device)
+        mask4d.masked_fill_(~allowed[:, None], self.min_value)
+        self.cache.write_index = torch.arange(length, device=self.device)
+        self.cache.kv_len = length
+        hidden = self._layers(self.core.get_input_embeddings()(ids), mask4d, positions)
+        self.logits.copy_(self.core.model.generation_head(hidden[:, -1]).float())
+        self.last_pos.copy_(positions[:, -1])
+        self.mask.fill_(self.min_value)
+        self.mask[:, 0, 0, :length].masked_fill_(keep, 0.0)
+
+    def forward(self, kv_len: int) -> None:
+        """Decode step `self.step` (>= 1): feed `token_in` at its slot and position, logits to `self.logits`.
+        Fixed shapes for a given `kv_len`; idempotent (re-running it writes the same values)."""
+        slot = self.slot0 + self.step
+        self.mask.index_fill_(-1, slot, 0.0)
+        positions = (self.last_pos + self.step)[:, None]
+        hidden = self.core.prepare_embeddings_for_image_generation(self.token_in[:, None])
+        self.cache.write_index = slot
+        self.cache.kv_len = kv_len
+        hidden = self._layers(hidden, self.mask[..., :kv_len], positions)
+        self.logits.copy_(self.core.model.generation_head(hidden[:, -1]).float())
+
+    def _record(self, token, guided_logits, cond, uncond, temperature) -> None:
+        """Store token `self.step`, its log-probability and guidance margin; feed it to the next forward."""
+        column = self.step
+        index = token[:, None]
+        self.tokens.index_copy_(1, column, index)
+        logprob = torch.log_softmax(guided_logits / temperature, -1).gather(-1, index)
+        self.logprobs.index_copy_(1, column, logprob)
+        if cond is not None:
+            lp_c = torch.log_softmax(cond, -1).gather(-1, index)
+            lp_u = torch.log_softmax(uncond, -1).gather(-1, index)
+            self.margins.index_copy_(1, column, lp_c - lp_u)
+        self.token_in.copy_(token.repeat(2) if self.guided else token)
+
+    def sample_on_device(self, guidance: float, temperature: float, top_k: int | None) -> None:
+        """Sample token `self.step` from `self.logits` with the exponential race `argmax(p / E)`, `E ~ Exp(1)` in
+        `self.noise` (equivalent to sampling from `p`; Gumbel-max). No host synchronisation; idempotent."""
+        logits, probs, cond, uncond = guided_scores(self.logits, guidance, temperature, top_k)
+        token = (probs / self.noise.clamp_min(1e-30)).argmax(-1)
+        self._record(token, logits, cond, uncond, temperature)
+
+    def sample_on_host(self, guidance, temperature, top_k, generator: torch.Generator) -> None:
+        """Sample token `self.step` exactly as the reference does (CPU generator, multinomial on CPU probs)."""
+        logits, probs, cond, uncond = guided_scores(self.logits, guidance, temperature, top_k)
+        token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(self.device)
+        self._record(token, logits, cond, uncond, temperature)
+
+    # ------------------------------------------------------------------------------------------------------ loop
+    def run(self, ids, mask, config, generator: torch.Generator, device_generator: torch.Generator | None = None,
+            step_callback=None):
+        """Decode one batch: `(tokens [B, N], guidance margin [B], logprobs [B, N])`, on the model's device.
+
+        With `device_generator` the tokens are sampled on the device ("device" mode), else with `generator` on the
+        host ("host" mode). `step_callback(decoder, i)`, if given, runs after every step (tests)."""
+        if (config.guidance != 1.0) != self.guided:
+            raise ValueError("the decoder's guided flag does not match config.guidance")
+        guidance, temperature, top_k = float(config.guidance), float(config.temperature), config.top_k
+        self.prefill(ids, mask)
+        sample_key = ("sample", guidance, temperature, top_k)
+        for i in range(self.num_tokens):
+            self.step.fill_(i)
+            if i > 0:
+                kv_len = self.kv_len(i)
+                self.graphs(("forward", kv_len), lambda kv_len=kv_len: self.forward(kv_len))
+            if device_generator is not None:
+                self.noise.exponential_(generator=device_generator)
+                self.graphs(sample_key, lambda: self.sample_on_device(guidance, temperature, top_k))
+            else:
+                self.sample_on_host(guidance, temperature, top_k, generator)
+            if step_callback is not None:
+                step_callback(self, i)
+        tokens, logprobs = self.tokens.clone(), self.logprobs.clone()
+        if self.guided:
+            margin = self.margins.sum(-1) / self.num_tokens
+        else:
+            margin = torch.full((self.batch,), math.nan, device=self.device)
+        return tokens, margin, logprobs
+
+
+class FastJanusSampler:
+    """Drop-in for `JanusBackend._sample`: `sampler(prompts, config, generator) -> (tokens, margin, logprobs)`.
+
+    Keeps one [`FastJanusDecoder`] and reuses it (buffers and CUDA graphs) for every batch of the same shape; a batch
+    of another shape replaces it. Prompts are left-padded to a multiple of `pad_multiple` tokens so that batches
+    of slightly different prompt lengths share a shape (extra left padding is masked: it changes no result).
+
+    Args:
+        backend: the [`JanusBackend`].
+        sampling: "auto" (host on CPU, device on CUDA), "host" (the reference's CPU random numbers: same tokens as
+            the reference for a seed; one host synchronisation per token) or "device" (no synchronisation).
+        cuda_graphs: capture the step functions in CUDA graphs on CUDA (eager otherwise).
+        bucket: attention-length granularity of decode steps.
+        pad_multiple: prompt lengths are rounded up to a multiple of this.
+    """
+
+    def __init__(self, backend, sampling: str = "auto", cuda_graphs: bool = True, bucket: int = 64,
+                 pad_multiple: int = 32):
+        if sampling not in ("auto", "host", "device"):
+            raise ValueError(f"sampling must be 'auto', 'host' or 'device', got {sampling!r}.")
+        self.backend = backend
+        self.sampling = sampling
+        self.cuda_graphs = cuda_graphs
+        self.bucket = bucket
+        self.pad_multiple = pad_multiple
+        self.decoder: FastJanusDecoder | None = None
+        self.decoders_built = 0
+        self._device_generator = None
+
+    def _mode(self, device: torch.device) -> str:
+        if self.sampling == "auto":
+            return "host" if device.type == "cpu" else "device"
+        return self.sampling
+
+    def _decoder_for(self, batch: int, prompt_len: int, guided: bool) -> FastJanusDecoder:
+        if self.decoder is None or self.decoder.key != (batch, prompt_len, guided):
+            self.decoder = None  # release the old buffers and graphs before allocating new ones
+            self.decoder = FastJanusDecoder(self.backend, batch, prompt_len, guided, bucket=self.bucket,
+                                            cuda_graphs=self.cuda_graphs)
+            self.decoders_built += 1
+        return self.decoder
+
+    @torch.no_grad()
+    def __call__(self, prompts, config, generator: torch.Generator, step_callback=None):
+        backend = self.backend
+        ids, mask = backend.tokenize_prompts(prompts)
+        batch, length = ids.shape
+        padded = _round_up(length, self.pad_multiple)
+        if padded > length:
+            pad_id = backend.processor.tokenizer.pad_token_id
+            ids = torch.cat([ids.new_full((batch, padded - length), pad_id), ids], dim=1)
+            mask = torch.cat([mask.new_zeros(batch, padded - length), mask], dim=1)
+        guided = config.guidance != 1.0
+        if guided:
+            ids = torch.cat([ids, backend.unconditional_ids(ids)])
+            mask = torch.cat([mask, mask])
+        decoder = self._decoder_for(batch, padded, guided)
+        device_generator = None
+        if self._mode(decoder.device) == "device":
+            if self._device_generator is None:  # seeded once per sampler from the CPU generator: reproducible
+                seed = int(torch.randint(0, 2**62, (1,), generator=generator).item())
+                self._device_generator = torch.Generator(device=decoder.device)
+                self._device_generator.manual_seed(seed)
+            device_generator = self._device_generator
+        return decoder.run(ids, mask, config, generator, device_generator, step_callback=step_callback)

@@ -1,0 +1,252 @@
+"""The fast Janus image-token decoder (`decode_path="fast"`) against the reference sampler `JanusBackend._sample`.
+
+The tiny test model is sharpened (larger query/key and generation-head weights) so that its image-token
+distributions are far from uniform and depend on positions and context: with the untouched tiny model a decoder with
+wrong positions still draws the reference's tokens. `test_equivalence_is_sensitive` shows that the comparison would
+catch such a bug.
+"""
+
+import math
+
+import pytest
+import torch
+
+from srum_trl.models import GenerationConfig, JanusBackend
+from srum_trl.models.janus import fast as fast_module
+from srum_trl.models.janus.fast import FastJanusDecoder, FastJanusSampler
+
+PROMPTS = ["a red circle", "a blue square and a green triangle", "a red circle and a blue square and a red square"]
+CONFIGS = [
+    GenerationConfig(guidance=g, temperature=t, top_k=k)
+    for g in (1.0, 3.0)
+    for t in (1.0, 0.7)
+    for k in (None, 5)
+]
+
+
+def _sharpen(model):
+    with torch.no_grad():
+        for layer in model.model.language_model.layers:
+            layer.self_attn.q_proj.weight.mul_(4)
+            layer.self_attn.k_proj.weight.mul_(4)
+        model.model.generation_head.vision_head.weight.mul_(40)
+    model.eval()
+    return model
+
+
+@pytest.fixture
+def sharp_backend(tiny_janus):
+    model, processor = tiny_janus
+    return JanusBackend(_sharpen(model), processor)
+
+
+def _reference(backend, prompts, config, seed):
+    return backend._sample(prompts, config, torch.Generator().manual_seed(seed))
+
+
+def _fast(backend, prompts, config, seed, **kwargs):
+    return FastJanusSampler(backend, **kwargs)(prompts, config, torch.Generator().manual_seed(seed))
+
+
+def _assert_same(ref, fast, guided, atol=1e-5):
+    tokens, margin, logprobs = ref
+    assert torch.equal(fast[0], tokens)
+    torch.testing.assert_close(fast[2], logprobs, atol=atol, rtol=0)
+    if guided:
+        torch.testing.assert_close(fast[1], margin, atol=atol, rtol=0)
+    else:
+        assert torch.isnan(fast[1]).all() and torch.isnan(margin).all()
+
+
+@pytest.mark.parametrize("pad_multiple", [1, 32])
+def test_fast_equals_reference_on_cpu(sharp_backend, pad_multiple):
+    """Same seed, float32, CPU: the same tokens for every (guidance, temperature, top_k); logprobs and margins to
+    1e-5. Prompts of 4, 8 and 12 tokens (+BOS/BOI) exercise the left padding; pad_multiple=32 adds more of it."""
+    for config in CONFIGS:
+        ref = _reference(sharp_backend, PROMPTS, config, seed=5)
+        fast = _fast(sharp_backend, PROMPTS, config, seed=5, pad_multiple=pad_multiple)
+        _assert_same(ref, fast, guided=config.guidance != 1.0)
+        assert ref[2].std() > 0.1  # the model is not uniform: the comparison means something
+
+
+def test_generate_with_fast_decode_path(tiny_janus):
+    model, processor = tiny_janus
+    _sharpen(model)
+    reference = JanusBackend(model, processor)
+    fast = JanusBackend(model, processor, decode_path="fast")
+    config = GenerationConfig(guidance=3.0, temperature=1.3, top_k=5, batch_size=2)
+    prompts = PROMPTS + ["a green triangle"]
+    r1, r2 = reference.generate(prompts, config, seed=3), fast.generate(prompts, config, seed=3)
+    assert torch.equal(r1.tokens, r2.tokens)
+    torch.testing.assert_close(r2.logprobs, r1.logprobs, atol=1e-5, rtol=0)
+    torch.testing.assert_close(r2.guidance_margin, r1.guidance_margin, atol=1e-5, rtol=0)
+    assert [im.tobytes() for im in r1.images] == [im.tobytes() for im in r2.images]
+    with pytest.raises(ValueError, match="decode_path"):
+        JanusBackend(model, processor, decode_path="graph")
+
+
+def test_equivalence_is_sensitive(sharp_backend, monkeypatch):
+    """A decoder that feeds image tokens at positions off by one draws other tokens: the token test catches it."""
+    forward = FastJanusDecoder.forward
+
+    def shifted(self, kv_len):
+        self.last_pos += 1
+        forward(self, kv_len)
+        self.last_pos -= 1
+
+    monkeypatch.setattr(FastJanusDecoder, "forward", shifted)
+    differs = [not torch.equal(_reference(sharp_backend, PROMPTS, c, 5)[0], _fast(sharp_backend, PROMPTS, c, 5)[0])
+               for c in CONFIGS[:2] + CONFIGS[4:6]]
+    assert any(differs)
+
+
+def test_step_allocates_no_new_cache(sharp_backend):
+    """The cache object, its K/V tensors, the mask and the logits buffer keep their storage across every step, and
+    across batches of the same shape (the decoder is reused)."""
+    sampler = FastJanusSampler(sharp_backend, pad_multiple=32)
+    seen = []
+
+    def record(decoder, step):
+        seen.append((id(decoder), id(decoder.cache), tuple(decoder.cache.data_ptrs()), decoder.mask.data_ptr(),
+                     decoder.logits.data_ptr(), decoder.token_in.data_ptr(), decoder.tokens.data_ptr()))
+
+    generator = torch.Generator().manual_seed(0)
+    config = GenerationConfig(guidance=3.0)
+    sampler(PROMPTS[:2], config, generator, step_callback=record)
+    cache = sampler.decoder.cache
+    sampler(PROMPTS[1:], config, generator, step_callback=record)  # other prompts, same padded shape
+    assert len(seen) == 2 * sharp_backend.num_image_tokens
+    assert len(set(seen)) == 1
+    assert sampler.decoder.cache is cache and sampler.decoders_built == 1
+    n_layers = len(sharp_backend.core.model.language_model.layers)
+    assert len(cache.keys) == len(cache.values) == n_layers
+    assert cache.keys[0].shape[0] == 4  # cond + uncond rows of 2 prompts
+    sampler(PROMPTS, config, generator)  # a new shape replaces the decoder
+    assert sampler.decoders_built == 2
+
+
+def test_step_functions_are_idempotent(sharp_backend, monkeypatch):
+    """CUDA graphs are captured lazily, mid-decode, after two warm-up runs of the step: running every step function
+    three times must change nothing."""
+    config = GenerationConfig(guidance=3.0, temperature=0.7, top_k=5)
+    once = {mode: _fast(sharp_backend, PROMPTS, config, 4, sampling=mode) for mode in ("host", "device")}
+
+    def thrice(self, key, fn):
+        fn()
+        fn()
+        fn()
+
+    monkeypatch.setattr(fast_module._GraphRunner, "__call__", thrice)
+    for mode in ("host", "device"):
+        again = _fast(sharp_backend, PROMPTS, config, 4, sampling=mode)
+        _assert_same(once[mode], again, guided=True, atol=0)
+    _assert_same(_reference(sharp_backend, PROMPTS, config, 4), once["host"], guided=True)
+
+
+def test_device_sampling_on_cpu(sharp_backend):
+    """The "device" sampler (exponential race, no host synchronisation) on the CPU: greedy equals the reference,
+    sampled logprobs equal the teacher-forced scores, runs are reproducible per seed."""
+    for guidance in (1.0, 3.0):
+        greedy = GenerationConfig(guidance=guidance, top_k=1)
+        assert torch.equal(_fast(sharp_backend, PROMPTS, greedy, 0, sampling="device")[0],
+                           _reference(sharp_backend, PROMPTS, greedy, 0)[0])
+    config = GenerationConfig(guidance=3.0, temperature=1.3)
+    a = _fast(sharp_backend, PROMPTS, config, 1, sampling="device")
+    b = _fast(sharp_backend, PROMPTS, config, 1, sampling="device")
+    c = _fast(sharp_backend, PROMPTS, config, 2, sampling="device")
+    assert torch.equal(a[0], b[0]) and not torch.equal(a[0], c[0])
+    from srum_trl.models import Rollout
+
+    rollout = Rollout(prompts=PROMPTS, images=[], tokens=a[0], grid=sharp_backend.token_grid, guidance=3.0,
+                      temperature=1.3, logprobs=a[2], guidance_margin=a[1])
+    torch.testing.assert_close(sharp_backend.token_logprobs(PROMPTS, rollout), a[2], atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(sharp_backend.guidance_margin(PROMPTS, rollout), a[1], atol=1e-4, rtol=1e-4)
+
+
+def test_exponential_race_samples_the_distribution(sharp_backend):
+    """argmax(p / E), E ~ Exp(1), draws token j with probability p_j, and never a token cut by top-k."""
+    decoder = FastJanusDecoder(sharp_backend, batch=512, prompt_len=4, guided=False)
+    vocab = decoder.logits.shape[1]
+    torch.manual_seed(0)
+    decoder.logits.copy_(torch.randn(vocab).mul(1.5).expand(512, vocab))
+    generator = torch.Generator().manual_seed(0)
+    for top_k in (None, 8):
+        _, probs, _, _ = fast_module.guided_scores(decoder.logits, 1.0, 1.0, top_k)
+        counts = torch.zeros(vocab)
+        for _ in range(16):
+            decoder.noise.exponential_(generator=generator)
+            decoder.sample_on_device(1.0, 1.0, top_k)
+            counts += torch.bincount(decoder.tokens[:, 0], minlength=vocab)
+        freq = counts / counts.sum()
+        n = counts.sum()
+        assert ((freq - probs[0]).abs() <= 5 * (probs[0] * (1 - probs[0]) / n).sqrt() + 1e-3).all()
+        if top_k is not None:
+            assert (counts[probs[0] == 0] == 0).all()
+
+
+def test_eager_attention_and_lora(tiny_janus):
+    """The decoder runs the model's own layers: eager attention and injected LoRA layers are honoured."""
+    peft = pytest.importorskip("peft")
+    model, processor = tiny_janus
+    _sharpen(model)
+    model.set_attn_implementation("eager")
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
+                           target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)")
+    wrapped = peft.get_peft_model(model, lora)
+    backend = JanusBackend(wrapped, processor)
+    config = GenerationConfig(guidance=3.0, temperature=0.7)
+    _assert_same(_reference(backend, PROMPTS, config, 9), _fast(backend, PROMPTS, config, 9), guided=True)
+    with backend.frozen():
+        _assert_same(_reference(backend, PROMPTS, config, 9), _fast(backend, PROMPTS, config, 9), guided=True)
+
+
+def test_rejects_unsupported_attention(tiny_backend):
+    config = tiny_backend.core.model.language_model.config
+    previous = config._attn_implementation_internal
+    config._attn_implementation_internal = "flash_attention_2"
+    try:
+        with pytest.raises(ValueError, match="'sdpa' or 'eager'"):
+            FastJanusDecoder(tiny_backend, batch=1, prompt_len=4, guided=False)
+    finally:
+        config._attn_implementation_internal = previous
+
+
+# ------------------------------------------------------------------------------------------------------ CUDA
+def _to_cuda(tiny_janus):
+    model, processor = tiny_janus
+    return JanusBackend(_sharpen(model).to("cuda"), processor)
+
+
+@pytest.mark.gpu
+def test_cuda_graphs_with_host_sampling_equal_reference(tiny_janus):
+    """On CUDA in float32 the captured graphs with the reference's CPU random numbers draw the reference's tokens."""
+    backend = _to_cuda(tiny_janus)
+    for config in CONFIGS:
+        sampler = FastJanusSampler(backend, sampling="host")
+        ref = _reference(backend, PROMPTS, config, 5)
+        fast = sampler(PROMPTS, config, torch.Generator().manual_seed(5))
+        assert sampler.decoder.graphs.enabled and sampler.decoder.graphs.captures > 0
+        # CUDA kernels (SDPA over masked slots vs a growing cache) round differently from the CPU: looser log-probs
+        _assert_same(tuple(t.cpu() for t in ref), tuple(t.cpu() for t in fast), guided=config.guidance != 1.0,
+                     atol=1e-4)
+
+
+@pytest.mark.gpu
+def test_cuda_device_sampling(tiny_janus):
+    backend = _to_cuda(tiny_janus)
+    greedy = GenerationConfig(guidance=3.0, top_k=1)
+    assert torch.equal(_fast(backend, PROMPTS, greedy, 0)[0].cpu(), _reference(backend, PROMPTS, greedy, 0)[0].cpu())
+    config = GenerationConfig(guidance=3.0, temperature=1.3)
+    sampler = FastJanusSampler(backend)
+    seen = []
+    a = sampler(PROMPTS, config, torch.Generator().manual_seed(1),
+                step_callback=lambda d, i: seen.append((id(d.cache), tuple(d.cache.data_ptrs()))))
+    assert len(set(seen)) == 1 and sampler.decoder.graphs.captures > 0
+    b = _fast(backend, PROMPTS, config, 1)
+    assert torch.equal(a[0], b[0])
+    from srum_trl.models import Rollout
+
+    rollout = Rollout(prompts=PROMPTS, images=[], tokens=a[0].cpu(), grid=backend.token_grid, guidance=3.0,
+                      temperature=1.3)
+    torch.testing.assert_close(backend.token_logprobs(PROMPTS, rollout).cpu(), a[2].cpu(), atol=1e-4, rtol=1e-4)
+    assert not math.isnan(a[1].sum().item())
