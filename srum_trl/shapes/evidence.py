@@ -59,6 +59,7 @@ class EvidenceConfig:
     device: str | None = None
     parallel: int = 1
     save_adapters: bool = True
+    decode_path: str = "reference"  # "fast": the CUDA-graph decoder of docs/speed.md (same tokens on CPU)
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -178,7 +179,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
 
     torch.manual_seed(seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = load_backend(cfg.base, dtype="float32")
+    backend = load_backend(cfg.base, dtype="float32", backend_kwargs={"decode_path": cfg.decode_path})
     backend.model.to(device)
     backend.understanding_batch_size = 256
     track = sample_prompts(cfg.track_prompts, "heldout", seed=10_000 + seed)
@@ -344,6 +345,8 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--constraint_weight", type=float, default=defaults.constraint_weight)
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--device", default=None)
+    parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
+                        help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md)")
     return EvidenceConfig(**vars(parser.parse_args(argv)))
 
 
