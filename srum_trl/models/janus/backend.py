@@ -205,14 +205,16 @@ class JanusBackend(UMMBackend):
 
             sample = FastJanusSampler(self)
         starts = range(0, len(prompts), config.batch_size)
-        for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
-            batch = prompts[start : start + config.batch_size]
-            t, m, lp = sample(batch, config, generator)
-            tokens.append(t)
-            margins.append(m)
-            logprobs.append(lp)
-        if was_training:
-            self.model.train()
+        try:
+            for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
+                batch = prompts[start : start + config.batch_size]
+                t, m, lp = sample(batch, config, generator)
+                tokens.append(t)
+                margins.append(m)
+                logprobs.append(lp)
+        finally:  # a failed generation must not leave a training model in eval mode
+            if was_training:
+                self.model.train()
         tokens = torch.cat(tokens)
         return Rollout(
             prompts=list(prompts),
