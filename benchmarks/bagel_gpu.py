@@ -9,6 +9,9 @@ Needs only torch, accelerate, peft, transformers, diffusers (+ their dependencie
 
     # two GPUs: a reduced-depth full fine-tune step under FSDP2 vs the same global batch on one GPU
     python benchmarks/bagel_gpu.py --fsdp-check --out bagel_fsdp.json
+    # the same through accelerate and the shipped FSDP config (bf16 mixed precision)
+    accelerate launch --config_file examples/accelerate/fsdp.yaml --num_processes 2 \
+        benchmarks/bagel_gpu.py --fsdp-check --out bagel_fsdp_accelerate.json
 
     # plumbing check of both on the CPU with a tiny configuration (what CI can run)
     python benchmarks/bagel_gpu.py --smoke --out /tmp/bagel_smoke.json [--fsdp-check]
@@ -266,6 +269,35 @@ def _srum_loss(backend, module, batch, rows: slice):
     return ((batch["reward"][rows] + 0.5) * per_token).mean()
 
 
+def _fsdp_setup(bagel, args, device):
+    """The reduced-depth float32 model of the FSDP check (full fine-tune of the language model) and its batch."""
+    import torch
+
+    backend, _ = build(bagel, args, device, torch.float32, layers=args.fsdp_layers, vit_layers=2, seed=0)
+    model = backend.core
+    bagel.set_trainable(model, "llm")
+    model.gradient_checkpointing_enable()
+    model.train()
+    size = 64 if args.smoke else args.fsdp_image_size
+    return backend, model, size, _fsdp_batch(bagel, backend, size, args.fsdp_global_batch, device)
+
+
+def _reference_losses(backend, model, batch, lr: float) -> dict:
+    """The 1-device run on the whole global batch: loss, one AdamW step on a copy, loss again."""
+    import torch
+
+    reference = copy.deepcopy(model)
+    params = [p for p in reference.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
+    every = slice(0, len(batch["prompts"]))
+    loss0 = _srum_loss(backend, reference, batch, every)
+    loss0.backward()
+    opt.step()
+    with torch.no_grad():
+        loss1 = _srum_loss(backend, reference, batch, every)
+    return {"single_gpu_loss_before": loss0.item(), "single_gpu_loss_after": loss1.item()}
+
+
 def _fsdp_worker(rank: int, world: int, args, port: int, result_file: str):
     import torch
     import torch.distributed as dist
@@ -283,30 +315,13 @@ def _fsdp_worker(rank: int, world: int, args, port: int, result_file: str):
         from torch.distributed.fsdp import fully_shard
     except ImportError:  # torch < 2.6
         from torch.distributed._composable.fsdp import fully_shard
-    dtype = torch.float32
-    backend, config = build(bagel, args, device, dtype, layers=args.fsdp_layers, vit_layers=2, seed=0)
-    model = backend.core
-    bagel.set_trainable(model, "llm")
-    model.gradient_checkpointing_enable()
-    model.train()
-    size = 64 if args.smoke else args.fsdp_image_size
+    backend, model, size, batch = _fsdp_setup(bagel, args, device)
     global_batch = args.fsdp_global_batch
-    batch = _fsdp_batch(bagel, backend, size, global_batch, device)
     lr = 1e-4
     out = {"world_size": world, "layers": args.fsdp_layers, "global_batch": global_batch, "image_size": size,
            "dtype": "float32", "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
-    every = slice(0, global_batch)
-    if rank == 0:  # the 1-GPU reference on the whole global batch
-        reference = copy.deepcopy(model)
-        ref_params = [p for p in reference.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(ref_params, lr=lr, betas=(0.9, 0.95), weight_decay=0.0)
-        loss0 = _srum_loss(backend, reference, batch, every)
-        loss0.backward()
-        opt.step()
-        with torch.no_grad():
-            loss1 = _srum_loss(backend, reference, batch, every)
-        out.update(single_gpu_loss_before=loss0.item(), single_gpu_loss_after=loss1.item())
-        del reference, opt, ref_params
+    if rank == 0:
+        out.update(_reference_losses(backend, model, batch, lr))
         if use_cuda:
             torch.cuda.empty_cache()
     dist.barrier()
@@ -350,6 +365,71 @@ def _fsdp_worker(rank: int, world: int, args, port: int, result_file: str):
     dist.destroy_process_group()
 
 
+def fsdp_check_accelerate(args) -> dict:
+    """The same comparison, with the model and optimizer prepared by `accelerate` (run under `accelerate launch` with
+    examples/accelerate/fsdp.yaml: FSDP2, auto-wrap by decoder / ViT layer class, bf16 mixed precision), so the
+    shipped config is what is tested. Rank 0 computes the 1-device reference first (float32, no mixed precision)."""
+    import torch
+    from accelerate import Accelerator
+
+    bagel = import_bagel()
+    accelerator = Accelerator()
+    device, rank, world = accelerator.device, accelerator.process_index, accelerator.num_processes
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = False
+        torch.backends.cudnn.allow_tf32 = False
+    backend, model, size, batch = _fsdp_setup(bagel, args, device)
+    global_batch = args.fsdp_global_batch
+    if global_batch % world:
+        raise ValueError(f"--fsdp-global-batch {global_batch} must be a multiple of the {world} processes.")
+    lr = 1e-4
+    out = {"world_size": world, "layers": args.fsdp_layers, "global_batch": global_batch, "image_size": size,
+           "launcher": "accelerate", "distributed_type": str(accelerator.distributed_type),
+           "mixed_precision": accelerator.mixed_precision,
+           "trainable_params": sum(p.numel() for p in model.parameters() if p.requires_grad)}
+    if accelerator.is_main_process:
+        out.update(_reference_losses(backend, model, batch, lr))
+        if device.type == "cuda":
+            torch.cuda.empty_cache()
+    accelerator.wait_for_everyone()
+    optimizer = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad], lr=lr, betas=(0.9, 0.95),
+                                  weight_decay=0.0)
+    model, optimizer = accelerator.prepare(model, optimizer)
+    per_rank = global_batch // world
+    mine = slice(rank * per_rank, (rank + 1) * per_rank)
+    start = time.perf_counter()
+    loss0 = _srum_loss(backend, model, batch, mine)
+    accelerator.backward(loss0)
+    optimizer.step()
+    optimizer.zero_grad()
+    sync(device)
+    out["fsdp_step_s"] = round(time.perf_counter() - start, 3)
+    with torch.no_grad():
+        loss1 = _srum_loss(backend, model, batch, mine)
+    losses = accelerator.reduce(torch.stack([loss0.detach().float(), loss1.float()]), reduction="mean").tolist()
+    if device.type == "cuda":
+        out[f"peak_memory_gib_rank{rank}"] = gib(torch.cuda.max_memory_allocated(device))
+    from accelerate.utils import gather_object
+
+    gathered = gather_object([out])
+    result = {}
+    for part in gathered:
+        result.update(part)
+    result.update(fsdp_loss_before=losses[0], fsdp_loss_after=losses[1])
+    ref0, ref1 = result["single_gpu_loss_before"], result["single_gpu_loss_after"]
+    result.update(rel_diff_before=abs(losses[0] - ref0) / abs(ref0), rel_diff_after=abs(losses[1] - ref1) / abs(ref1))
+    tol = 2e-2 if accelerator.mixed_precision == "bf16" else 1e-3  # bf16 compute against a float32 reference
+    from accelerate.utils import DistributedType
+
+    result["fsdp_active"] = accelerator.distributed_type == DistributedType.FSDP
+    if not result["fsdp_active"]:
+        print(f"warning: accelerate runs {accelerator.distributed_type}, not FSDP: this compares no sharded run")
+    result.update(tolerance=tol, match=bool(result["rel_diff_before"] < tol and result["rel_diff_after"] < tol
+                                            and (result["fsdp_active"] or args.smoke)),
+                  step_changed_loss=bool(ref1 != ref0))
+    return result
+
+
 def fsdp_check(args) -> dict:
     import tempfile
 
@@ -368,6 +448,19 @@ def fsdp_check(args) -> dict:
 
 
 # ------------------------------------------------------------------------------------------------------- main
+
+
+def guarded(fn, *args, image_size: int) -> dict:
+    """`fn(*args)`, or its error as a row (an out-of-memory at 1024 px keeps the 512 px numbers)."""
+    try:
+        return fn(*args)
+    except Exception as error:  # noqa: BLE001 - reported in the table and the JSON
+        import torch
+
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()
+        print(f"{fn.__name__} at {image_size} px failed: {error!r}")
+        return {"image_size": image_size, "error": repr(error)[:500]}
 
 
 def table(rows: list[dict], keys: list[str]) -> str:
@@ -398,12 +491,16 @@ def main(argv=None):
     bagel = import_bagel()
     result = {"torch": torch.__version__, "smoke": args.smoke}
     if args.fsdp_check:
-        result["fsdp_check"] = check = fsdp_check(args)
+        launched = int(os.environ.get("WORLD_SIZE", "1")) > 1  # under `accelerate launch` / torchrun
+        result["fsdp_check"] = check = fsdp_check_accelerate(args) if launched else fsdp_check(args)
+        if launched and int(os.environ.get("RANK", "0")) != 0:
+            return result
         if "skipped" in check:
             print(f"FSDP check skipped: {check['skipped']}")
         else:
-            print(f"FSDP2 ({check['world_size']} ranks) vs 1 device, reduced depth ({check['layers']} decoder layers), "
-                  f"float32, global batch {check['global_batch']} at {check['image_size']} px:")
+            precision = {None: "float32", "no": "float32"}.get(check.get("mixed_precision"), check.get("mixed_precision"))
+            print(f"FSDP2 ({check['world_size']} ranks, {check.get('launcher', 'torch')}) vs 1 device, reduced depth "
+                  f"({check['layers']} decoder layers), {precision}, global batch {check['global_batch']} at {check['image_size']} px:")
             rows = [{"": "loss before the step", "1 device": check["single_gpu_loss_before"],
                      "FSDP": check["fsdp_loss_before"], "rel. diff": f"{check['rel_diff_before']:.2e}"},
                     {"": "loss after one AdamW step", "1 device": check["single_gpu_loss_after"],
@@ -418,9 +515,10 @@ def main(argv=None):
         parts = backend.core.num_parameters_by_part()
         result["parameters"] = parts
         sizes = [64] if args.smoke else [int(s) for s in args.sizes.split(",")]
-        result["sampler"] = [bench_sampler(bagel, backend, device, s, args.gen_batch, args.repeat) for s in sizes]
-        result["lora_step"] = [bench_lora_step(bagel, backend, device, s, args.train_batch, args.repeat,
-                                               args.lora_rank) for s in sizes]
+        result["sampler"] = [guarded(bench_sampler, bagel, backend, device, s, args.gen_batch, args.repeat,
+                                     image_size=s) for s in sizes]
+        result["lora_step"] = [guarded(bench_lora_step, bagel, backend, device, s, args.train_batch, args.repeat,
+                                       args.lora_rank, image_size=s) for s in sizes]
         print(f"device: {result['device']}  parameters: {parts['total'] / 1e9:.2f}B "
               f"(generation expert {parts['llm_generation'] / 1e9:.2f}B)")
         print("\nSampler (extrapolated to 49 Euler steps from per-step timings):")
