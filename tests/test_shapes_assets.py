@@ -19,8 +19,10 @@ def test_shipped_checkpoint_layout_and_size():
     assert sum(sizes) <= 32 * 2**20 and max(sizes) < 16 * 2**20
     metrics = json.load(open(os.path.join(base, "metrics.json")))
     assert metrics["understanding_accuracy"] >= 0.9 and metrics["vq_recon_accuracy"] >= 0.95
-    lora = assets.srum_lora_path()
-    assert os.path.getsize(os.path.join(lora, "adapter_model.safetensors")) < 16 * 2**20
+    for lora in (assets.srum_lora_path(), assets.grpo_lora_path()):
+        assert os.path.getsize(os.path.join(lora, "adapter_model.safetensors")) < 16 * 2**20
+        config = json.load(open(os.path.join(lora, "adapter_config.json")))
+        assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "srum_trl/shapes/assets/base"
 
 
 def test_base_and_adapter_generate(tmp_path):
@@ -30,15 +32,16 @@ def test_base_and_adapter_generate(tmp_path):
     config = GenerationConfig(guidance=2.0)
     plain = base.generate(prompts, config, seed=0)
     assert [im.size for im in plain.images] == [(64, 64)] * 2
-    tuned = load_backend(assets.base_model_path(), adapter=assets.srum_lora_path(), dtype="float32")
-    assert not torch.equal(tuned.generate(prompts, config, seed=0).tokens, plain.tokens)
+    for adapter in (assets.srum_lora_path(), assets.grpo_lora_path()):
+        tuned = load_backend(assets.base_model_path(), adapter=adapter, dtype="float32")
+        assert not torch.equal(tuned.generate(prompts, config, seed=0).tokens, plain.tokens)
 
 
 def test_generate_then_shapes_eval(tmp_path, capsys):
     prompts = tmp_path / "p.txt"
     main(["shapes", "prompts", "--out", str(prompts), "--n", "4", "--split", "heldout"])
     out = str(tmp_path / "images")
-    main(["generate", "--model", assets.base_model_path(), "--adapter", assets.srum_lora_path(), "--prompts",
+    main(["generate", "--model", assets.base_model_path(), "--adapter", assets.grpo_lora_path(), "--prompts",
           str(prompts), "--out", out, "--guidance_scale", "2"])
     main(["shapes", "eval", "--images", out, "--prompts", str(prompts)])
     result = json.load(open(os.path.join(out, "shapes_eval.json")))

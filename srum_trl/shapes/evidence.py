@@ -32,8 +32,9 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "grpo", "grpo_dense", "oracle")
-GRPO_ARMS = ("grpo", "grpo_dense")
+ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "grpo", "grpo_dense", "oracle", "grpo_oracle")
+GRPO_ARMS = ("grpo", "grpo_dense", "grpo_oracle")
+CONTROL_ARMS = ("oracle", "grpo_oracle")  # rewarded by the exact scorer: upper-bound controls, never shipped
 
 
 @dataclass
@@ -53,6 +54,7 @@ class EvidenceConfig:
     constraint_weight: float = 0.5
     guidance: float | None = None  # None: the base model's best guidance from its metrics.json, else 3.0
     eval_prompts: int = 1024
+    train_eval_prompts: int = 512  # scorer accuracy on training-split prompts: what a recipe may be chosen by
     track_prompts: int = 256
     track_every: int = 25
     understanding_prompts: int = 256
@@ -88,6 +90,14 @@ def generation_accuracy(backend, prompts: list[str], guidance: float, seed: int,
     out["guidance_margin"] = float(np.nanmean(rollout.guidance_margin.numpy()))
     out["extra_objects"] = float(np.mean([len(r.extra) for r in results]))
     return out
+
+
+def train_prompt_accuracy(backend, cfg: "EvidenceConfig", guidance: float) -> dict:
+    """Scorer accuracy on a fixed sample of training-split prompts. Recipes (learning rate, steps, arm) are compared
+    on this number, so that the held-out prompts are never used to choose anything."""
+    from .world import sample_prompts
+
+    return generation_accuracy(backend, sample_prompts(cfg.train_eval_prompts, "train", seed=7), guidance, seed=8)
 
 
 def understanding_items(num_prompts: int, seed: int):
@@ -200,7 +210,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
         from ..trainers import GRPOUMMConfig, GRPOUMMTrainer
         from .questions import make_shapes_judge
 
-        reward_funcs = [make_shapes_judge(use_local=arm == "grpo_dense")]
+        reward_funcs = [scorer_reward] if arm == "grpo_oracle" else [make_shapes_judge(use_local=arm == "grpo_dense")]
         args = GRPOUMMConfig(learning_rate=cfg.grpo_learning_rate, num_generations=cfg.num_generations,
                              advantage_mode="dense" if arm == "grpo_dense" else "scalar", **common)
         trainer_cls = GRPOUMMTrainer
@@ -220,6 +230,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
                                 guidance, seed=2)
     row = {
         "arm": arm, "seed": seed, "train_seconds": train_s, "heldout": final,
+        "train_prompts": train_prompt_accuracy(trainer.backend, cfg, guidance),
         "understanding": understanding_accuracy(trainer.backend, understanding_items(cfg.understanding_prompts, 3)),
         "history": history,
         "train_logs": [log for log in trainer.state.log_history if "reward" in log],
@@ -256,6 +267,8 @@ def summarize(rows: list[dict], base: dict) -> dict:
             values = np.array([r["heldout"].get(key, math.nan) for r in runs], dtype=float)
             entry[key] = _stats(values)
         entry["understanding"] = _stats(np.array([r["understanding"] for r in runs]))
+        entry["train_prompts"] = _stats(np.array([r.get("train_prompts", {}).get("overall", math.nan) for r in runs],
+                                                 dtype=float))
         entry["guidance_margin_end"] = _stats(np.array([r["heldout"]["guidance_margin"] for r in runs]))
         entry["min_tracked_accuracy"] = float(min(h["heldout_accuracy"] for r in runs for h in r["history"]))
         summary[arm] = entry
@@ -288,19 +301,20 @@ def markdown(summary: dict, cfg: EvidenceConfig, guidance: float, command: str) 
     base = summary["base"]
     lines = [
         "| arm | held-out overall | single | pair | spatial | counting | understanding | margin (end) "
-        "| vs base (SE) | vs SFT (SE) |",
-        "|---|---|---|---|---|---|---|---|---|---|",
+        "| vs base (SE) | vs SFT (SE) | train prompts |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
         f"| base | {_pct(base['heldout']['overall'])} | {_pct(base['heldout'].get('single'))} | "
         f"{_pct(base['heldout'].get('pair'))} | {_pct(base['heldout'].get('spatial'))} | "
         f"{_pct(base['heldout'].get('counting'))} | {_pct(base['understanding'])} | "
-        f"{base['heldout']['guidance_margin']:.2f} | | |",
+        f"{base['heldout']['guidance_margin']:.2f} | | | {_pct(base.get('train_prompts', {}).get('overall'))} |",
     ]
     for arm in [a for a in ARMS if a in summary]:
         e = summary[arm]
+        label = f"{arm} (control)" if arm in CONTROL_ARMS else arm
         lines.append(
-            f"| {arm} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | {_ms(e['spatial'])} | "
+            f"| {label} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | {_ms(e['spatial'])} | "
             f"{_ms(e['counting'])} | {_ms(e['understanding'])} | {e['guidance_margin_end']['mean']:.2f} | "
-            f"{_num(e.get('vs_base_in_se'))} | {_num(e.get('vs_sft_in_se'))} |"
+            f"{_num(e.get('vs_base_in_se'))} | {_num(e.get('vs_sft_in_se'))} | {_ms(e['train_prompts'])} |"
         )
     setup = (f"{len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}); {cfg.steps} steps of batch {cfg.batch_size}; "
              f"LoRA r={cfg.lora_r}; lr {cfg.learning_rate} (GRPO {cfg.grpo_learning_rate}, groups of "
@@ -336,7 +350,7 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--out", required=True, help="output folder (results.json, evidence.md, adapters)")
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds)
     parser.add_argument("--arms", nargs="+", default=defaults.arms, choices=ARMS)
-    for name in ("steps", "batch_size", "lora_r", "eval_prompts", "track_prompts", "track_every",
+    for name in ("steps", "batch_size", "lora_r", "eval_prompts", "train_eval_prompts", "track_prompts", "track_every",
                  "understanding_prompts", "parallel"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
     parser.add_argument("--learning_rate", type=float, default=defaults.learning_rate)
@@ -348,6 +362,15 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
                         help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md)")
     return EvidenceConfig(**vars(parser.parse_args(argv)))
+
+
+def _keep(row: dict, cfg: EvidenceConfig) -> dict:
+    """Print a finished job and append it to `rows.jsonl`, so that a run stopped early keeps what it finished."""
+    print("done:", row.get("arm"), row.get("seed"), row.get("heldout", {}).get("overall"), row.get("error", ""),
+          flush=True)
+    with open(os.path.join(cfg.out, "rows.jsonl"), "a") as f:
+        f.write(json.dumps(row, default=float) + "\n")
+    return row
 
 
 def main(argv=None) -> dict:
@@ -368,24 +391,23 @@ def main(argv=None) -> dict:
 
     base = {
         "heldout": generation_accuracy(base_backend, sample_prompts(cfg.eval_prompts, "heldout", seed=1), guidance, 2),
+        "train_prompts": train_prompt_accuracy(base_backend, cfg, guidance),
         "understanding": understanding_accuracy(base_backend, understanding_items(cfg.understanding_prompts, 3)),
         "judge_agreement": judge_agreement(base_backend, make_shapes_judge(),
                                            sample_prompts(cfg.track_prompts, "train", seed=5), guidance, 6),
     }
     print("base:", json.dumps(base), flush=True)
+    with open(os.path.join(cfg.out, "base.json"), "w") as f:
+        json.dump(base, f, indent=1, default=float)
     del base_backend
     jobs = [(arm, seed, cfg, guidance) for seed in cfg.seeds for arm in cfg.arms]
     if cfg.parallel > 1:
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(cfg.parallel) as pool:
-            rows = []
-            for row in pool.imap_unordered(_run_job, jobs):
-                print("done:", row.get("arm"), row.get("seed"), row.get("heldout", {}).get("overall"),
-                      row.get("error", ""), flush=True)
-                rows.append(row)
+            rows = [_keep(row, cfg) for row in pool.imap_unordered(_run_job, jobs)]
     else:
-        rows = [_run_job(job) for job in jobs]
+        rows = [_keep(_run_job(job), cfg) for job in jobs]
     summary = summarize(rows, base)
     command = "python -m srum_trl.shapes.evidence " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"config": asdict(cfg), "guidance": guidance, "summary": summary, "runs": rows, "command": command}

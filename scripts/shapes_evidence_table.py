@@ -1,0 +1,87 @@
+"""Merge the JSON results of several `python -m srum_trl.shapes.evidence` runs into one evidence table.
+
+Each run's rows (arm x seed) are pooled and summarised together (mean, std and standard error over seeds, the
+differences to the base model and to self-SFT in standard errors), so arms trained by separate commands on the same
+base model, guidance and evaluation prompts appear side by side. An arm present in several files is taken from the
+first file that has it (a rerun of the same command gives the same numbers).
+
+    python scripts/shapes_evidence_table.py docs/results/shapes_evidence_b128_srum.json \
+        docs/results/shapes_evidence_b128_srum_ablations.json docs/results/shapes_evidence_b128_grpo.json
+"""
+
+import argparse
+import json
+import math
+
+from srum_trl.shapes.evidence import ARMS, CONTROL_ARMS, _ms, _num, _pct, summarize
+
+
+def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
+    """(summary, rows, commands) of the pooled runs; fails if the files disagree on the base model's evaluation."""
+    rows, commands, base, owner, n_eval = [], [], None, {}, None
+    for path in paths:
+        with open(path) as f:
+            result = json.load(f)
+        this_base = result["summary"]["base"]
+        if base is not None and this_base["heldout"]["overall"] != base["heldout"]["overall"]:
+            raise ValueError(f"{path} evaluates another base model or prompt set than {paths[0]}; not merged.")
+        base = base or this_base
+        commands.append(result["command"])
+        n_eval = result["config"]["eval_prompts"]
+        for row in result["runs"]:
+            if owner.setdefault(row["arm"], path) == path:
+                rows.append({**row, "recipe": _recipe(result["config"], row["arm"])})
+    summary = summarize(rows, base)
+    # The base model is evaluated once: its own sampling error (binomial, n evaluation prompts) added to the arm's
+    # standard error over seeds gives a conservative distance to the base.
+    p = base["heldout"]["overall"]
+    base_se = math.sqrt(p * (1 - p) / n_eval)
+    for arm, entry in summary.items():
+        if arm != "base" and entry["overall"]["mean"] is not None:
+            se = math.sqrt((entry["overall"]["se"] or 0.0) ** 2 + base_se**2)
+            entry["vs_base_conservative"] = (entry["overall"]["mean"] - p) / se
+    return summary, rows, commands
+
+
+def _recipe(config: dict, arm: str) -> str:
+    grpo = arm.startswith("grpo")
+    lr = config["grpo_learning_rate"] if grpo else config["learning_rate"]
+    groups = f", groups of {config['num_generations']}" if grpo else ""
+    return f"{config['steps']} x {config['batch_size']}, lr {lr:g}{groups}"
+
+
+def table(summary: dict, rows: list[dict]) -> str:
+    recipes = {r["arm"]: r["recipe"] for r in rows}
+    base = summary["base"]
+    lines = ["| arm | recipe (steps x images, lr) | held-out overall | single | pair | spatial | counting | "
+             "understanding | train prompts | vs base (SE) | vs base (SE, with base's own error) | vs SFT (SE) | "
+             "error closed |",
+             "|---|---|---|---|---|---|---|---|---|---|---|---|---|",
+             f"| base | - | {_pct(base['heldout']['overall'])} | {_pct(base['heldout']['single'])} | "
+             f"{_pct(base['heldout']['pair'])} | {_pct(base['heldout']['spatial'])} | "
+             f"{_pct(base['heldout']['counting'])} | {_pct(base['understanding'])} | "
+             f"{_pct(base.get('train_prompts', {}).get('overall'))} | | | | |"]
+    for arm in [a for a in ARMS if a in summary]:
+        e = summary[arm]
+        label = f"{arm} (control)" if arm in CONTROL_ARMS else arm
+        closed = "" if e.get("error_closed") is None else f"{100 * e['error_closed']:+.0f}%"
+        lines.append(f"| {label} | {recipes[arm]} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | "
+                     f"{_ms(e['spatial'])} | {_ms(e['counting'])} | {_ms(e['understanding'])} | "
+                     f"{_ms(e['train_prompts'])} | {_num(e.get('vs_base_in_se'))} | {_num(e.get('vs_base_conservative'))} | "
+                     f"{_num(e.get('vs_sft_in_se'))} | "
+                     f"{closed} |")
+    return "\n".join(lines)
+
+
+def main(argv=None) -> str:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("results", nargs="+", help="results.json files of evidence runs")
+    args = parser.parse_args(argv)
+    summary, rows, commands = merge(args.results)
+    text = table(summary, rows) + "\n\nCommands:\n" + "\n".join(f"- `{c}`" for c in commands)
+    print(text)
+    return text
+
+
+if __name__ == "__main__":
+    main()
