@@ -1,6 +1,7 @@
 """What every self-rewarding trainer shares, on top of TRL's `_BaseTrainer`: a micro-step counter for rollout
-buffers, metric averaging in `log`, loss-only evaluation, model cards in checkpoints, and keeping the progress of
-a run that fails."""
+buffers, metric averaging in `log`, gathering of logged values over processes, running the backend's calls through
+an FSDP2-sharded model, loss-only evaluation, model cards in checkpoints, and keeping the progress of a run that
+fails."""
 
 from __future__ import annotations
 
@@ -9,7 +10,13 @@ import os
 from collections import defaultdict
 
 import torch
+from accelerate.utils import gather_object
 from trl.trainer.base_trainer import _BaseTrainer
+
+try:
+    from torch.distributed.fsdp import FSDPModule
+except ImportError:  # torch < 2.6: no FSDP2 under this name
+    FSDPModule = ()
 
 
 def nanmean(values) -> float:
@@ -33,6 +40,52 @@ class UMMTrainerBase(_BaseTrainer):
         self._step = 0  # micro-steps taken: which slice of the buffered rollout round to serve
         self._buffer: list[dict] | None = None
         self._metrics = {"train": defaultdict(list), "eval": defaultdict(list)}
+
+    def _gather(self, values) -> list[float]:
+        """`values` (floats) of every process, concatenated in process order: the whole batch's, as one process
+        holding it would have them. A collective: every process calls it, at the same point."""
+        values = [float(v) for v in values]
+        if self.accelerator.num_processes == 1:
+            return values
+        return gather_object(values)
+
+    def _as_forward(self, fn, *args, **kwargs):
+        """`fn(*args, **kwargs)` under the accelerator's autocast, run as the forward of the model when FSDP2 shards
+        it (otherwise simply called).
+
+        Backends call the model's submodules directly (sampling, judging, log-probabilities, losses). Under FSDP2
+        the wrapped layers gather their weights when called, but the root module's own weights (heads, VQ, vision
+        tower, ...) are gathered only by a forward of the root: so `fn` becomes that forward for one call (TRL's
+        forward redirection). Its result is handed back outside the forward's return value, which FSDP would cast
+        to its output dtype (bf16 under accelerate's mixed precision: rewards and log-probabilities would lose
+        their float32). Gradients still reach every shard: FSDP reduces the root's gradients at the end of the
+        backward. Every process must make the same calls (collectives).
+        """
+        model = self.model
+        if not isinstance(model, FSDPModule):
+            with self.accelerator.autocast():  # mixed precision (`bf16=True`) also for calls that skip `forward`
+                return fn(*args, **kwargs)
+        own = vars(model).get("forward")  # e.g. accelerate's autocast wrapper
+
+        def restore():
+            if own is not None:
+                model.forward = own
+            else:
+                vars(model).pop("forward", None)
+
+        result = []
+
+        def forward(*a, **k):
+            restore()  # `fn` may call the model's real forward (the judge does)
+            with self.accelerator.autocast():
+                result.append(fn(*a, **k))
+
+        model.forward = forward
+        try:
+            model(*args, **kwargs)
+        finally:
+            restore()
+        return result[0]
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:

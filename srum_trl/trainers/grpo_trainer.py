@@ -15,7 +15,6 @@ The loss core is a pure function over tensors, [`grpo_loss`], tested against han
 
 from __future__ import annotations
 
-import contextlib
 import copy
 import math
 import time
@@ -226,9 +225,9 @@ class GRPOUMMTrainer(UMMTrainerBase):
         prompts = [row["prompt"] for row in batch]
         t0 = time.perf_counter()
         seed = args.seed * 1_000_003 + self.state.global_step * 101 + self._step * 7 + args.process_index
-        rollout = self.backend.generate(prompts, self.generation, seed=seed)
+        rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
         t1 = time.perf_counter()
-        local_rewards, token_maps = self._score(rollout, batch)
+        local_rewards, token_maps = self._as_forward(self._score, rollout, batch)
         metrics["timing/generate_s"].append(t1 - t0)
         metrics["timing/reward_s"].append(time.perf_counter() - t1)
         rewards_per_func = self.accelerator.gather(local_rewards.to(device)).float().cpu()
@@ -244,16 +243,20 @@ class GRPOUMMTrainer(UMMTrainerBase):
         metrics["frac_reward_zero_std"].append(float(zero_std.float().mean()))
         metrics["completions/mean_length"].append(float(math.prod(rollout.grid)))
         if rollout.guidance_margin is not None:
-            metrics["guidance_margin"].append(nanmean(rollout.guidance_margin.tolist()))
+            metrics["guidance_margin"].append(nanmean(self._gather(rollout.guidance_margin.tolist())))
         out = {"rollout": rollout}
+        steps = args.steps_per_generation if mode == "train" else 1
         if args.mode == "sft":
+            selected = torch.ones(len(rewards), dtype=torch.bool)  # rows of the whole round, over the processes
             if args.sft_best_of_n:
                 scores = torch.nan_to_num(rewards, nan=-math.inf).view(-1, self.num_generations)
                 best = torch.zeros_like(scores, dtype=torch.bool)
                 best[torch.arange(scores.shape[0]), scores.argmax(dim=1)] = True
-                out["sft_weights"] = best.view(-1)[local].float()
-            else:
-                out["sft_weights"] = torch.ones(len(prompts))
+                selected = best.view(-1)
+            out["sft_weights"] = selected[local].float()
+            # The loss normaliser: the round's selected image tokens per process and micro-step (as "dapo" does),
+            # so that the loss does not depend on how the selected rows fall on processes and micro-steps.
+            out["num_items"] = float(selected.sum()) * math.prod(rollout.grid) / self.accelerator.num_processes / steps
             return out
         advantages = advantages[local]
         if args.advantage_mode == "dense":
@@ -262,18 +265,18 @@ class GRPOUMMTrainer(UMMTrainerBase):
         generate_every = args.steps_per_generation * args.num_iterations
         out["old_logps"] = None
         if mode == "train" and args.gradient_accumulation_steps % generate_every != 0:
-            out["old_logps"] = self._batched_logprobs(self.backend, rollout).cpu()
+            out["old_logps"] = self._as_forward(self._batched_logprobs, self.backend, rollout).cpu()
             if rollout.logprobs is not None:
-                diff = (out["old_logps"] - rollout.logprobs.float()).abs()
-                metrics["sampling/sampling_logp_difference/mean"].append(float(diff.mean()))
+                diff = (out["old_logps"] - rollout.logprobs.float().cpu()).abs()
+                metrics["sampling/sampling_logp_difference/mean"].append(nanmean(self._gather([float(diff.mean())])))
         out["ref_logps"] = None
-        if self.ref_backend is not None:
-            frozen = self.backend.frozen() if self.ref_backend is self.backend else contextlib.nullcontext()
-            with frozen:
-                out["ref_logps"] = self._batched_logprobs(self.ref_backend, rollout).cpu()
+        if self.ref_backend is self.backend:  # PEFT: the model with its adapters disabled
+            with self.backend.frozen():
+                out["ref_logps"] = self._as_forward(self._batched_logprobs, self.backend, rollout).cpu()
+        elif self.ref_backend is not None:  # a frozen, unsharded copy
+            out["ref_logps"] = self._batched_logprobs(self.ref_backend, rollout).cpu()
         tokens = float(len(rollout) * math.prod(rollout.grid))  # every image token counts: the mask is all ones
         total = float(self.accelerator.gather(torch.tensor([tokens], device=device)).sum())
-        steps = args.steps_per_generation if mode == "train" else 1
         out["num_items"] = total / self.accelerator.num_processes / steps
         return out
 
@@ -283,16 +286,17 @@ class GRPOUMMTrainer(UMMTrainerBase):
         n = len(round_["rollout"])
         if self.args.mode == "sft":
             rows = [i for i in range(n) if round_["sft_weights"][i] > 0]
-            weights = torch.ones(len(rows))
-            if not rows:  # nothing selected on this process: one zero-weight row keeps the step well defined
-                rows, weights = [0], torch.zeros(1)
-            perm = torch.randperm(len(rows)).tolist()
-            rows, weights = [rows[i] for i in perm], weights[perm]
-            size = math.ceil(len(rows) / spg)
-            return [
-                {"rollout": round_["rollout"].select(rows[i : i + size]), "sft_weights": weights[i : i + size]}
-                for i in range(0, len(rows), size)
-            ]
+            rows = [rows[i] for i in torch.randperm(len(rows)).tolist()]
+            size = max(math.ceil(len(rows) / spg), 1)
+            batches = []
+            for i in range(spg):  # exactly spg micro-batches: no selected row is served twice
+                chunk = rows[i * size : (i + 1) * size]
+                weights = torch.ones(len(chunk))
+                if not chunk:  # nothing left here for this micro-step: one zero-weight row keeps the step defined
+                    chunk, weights = [0], torch.zeros(1)
+                batches.append({"rollout": round_["rollout"].select(chunk), "sft_weights": weights,
+                                "num_items": round_["num_items"]})
+            return batches
         perm = torch.randperm(n).tolist()
         size = math.ceil(n / spg)
         batches = []
@@ -321,13 +325,17 @@ class GRPOUMMTrainer(UMMTrainerBase):
         if self.args.mode == "sft":
             dropout = self.args.sft_text_dropout if model.training else 0.0
             with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
-                per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.sft_loss_guidance, dropout)
+                per_token = self._as_forward(
+                    self.backend.token_losses, rollout.prompts, rollout, self.args.sft_loss_guidance, dropout
+                )
             weights = inputs["sft_weights"].to(per_token.device, per_token.dtype)
-            loss = (weights[:, None] * per_token).sum() / (weights.sum().clamp(min=1.0) * per_token.shape[1])
-            self._metrics[mode]["sft/token_loss"].append(float(per_token.detach().mean()))
+            normaliser = inputs.get("num_items") or float(weights.sum()) * per_token.shape[1]
+            loss = (weights[:, None] * per_token).sum() / max(normaliser, 1.0)
+            # the selected images' mean per-token cross-entropy (this micro-step's share of the round's)
+            self._metrics[mode]["sft/token_loss"].append(nanmean(self._gather([float(loss.detach())])))
             return (loss, None) if return_outputs else loss
         with self.backend.using(model):
-            logps = self.backend.token_logprobs(rollout.prompts, rollout)
+            logps = self._as_forward(self.backend.token_logprobs, rollout.prompts, rollout)
         old = inputs.get("old_logps")
         out = grpo_loss(
             logps,
@@ -342,6 +350,8 @@ class GRPOUMMTrainer(UMMTrainerBase):
             max_completion_length=self.max_completion_length,
             num_items=inputs.get("num_items"),
         )
-        for key, value in out.metrics.items():
-            self._metrics[mode][key].append(value)
+        keys = list(out.metrics)
+        gathered = self._gather([out.metrics[k] for k in keys])  # process after process
+        for i, key in enumerate(keys):
+            self._metrics[mode][key].append(nanmean(gathered[i :: len(keys)]))
         return (out.loss, None) if return_outputs else out.loss

@@ -148,7 +148,7 @@ class SRUMTrainer(UMMTrainerBase):
                 for v in values:
                     if not math.isnan(v) and not -1.0 <= v <= 1.0:
                         raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
-                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(values))
+                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(self._gather(values)))
                 per_func.append(values)
             global_scores = [nanmean(list(col)) for col in zip(*per_func)]
             global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
@@ -156,13 +156,14 @@ class SRUMTrainer(UMMTrainerBase):
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
         if global_scores is None:  # otherwise the scalar is the plain functions' score, logged above
-            metrics[f"rewards/{func_name(self.judge)}/mean"].append(nanmean(rewards))
+            metrics[f"rewards/{func_name(self.judge)}/mean"].append(nanmean(self._gather(rewards)))
         if self.judge.mode == "text":
-            metrics["judge/unparsed"].append(float(self.judge.stats["unparsed"] - unparsed_before))
+            metrics["judge/unparsed"].append(sum(self._gather([self.judge.stats["unparsed"] - unparsed_before])))
         return maps, rewards
 
     def _make_round(self, batch: list[dict], mode: str) -> dict:
-        """Generate (or read) and judge one round of rollouts; log its statistics."""
+        """Generate (or read) and judge one round of rollouts (this process's share); log the statistics of the
+        whole round, gathered over the processes."""
         metrics = self._metrics[mode]
         if self.offline and mode == "train":
             columns = {k: [row[k] for row in batch] for k in batch[0]}
@@ -173,19 +174,20 @@ class SRUMTrainer(UMMTrainerBase):
             prompts = [row["prompt"] for row in batch]
             t0 = time.perf_counter()
             seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self._step + self.args.process_index
-            rollout = self.backend.generate(prompts, self.generation, seed=seed)
+            rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
             t1 = time.perf_counter()
-            maps, rewards = self._judge(rollout, mode)
+            maps, rewards = self._as_forward(self._judge, rollout, mode)
             metrics["timing/generate_s"].append(t1 - t0)
             metrics["timing/judge_s"].append(time.perf_counter() - t1)
             weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
             self._last_round = (rollout, maps)
             if rollout.guidance_margin is not None:
-                metrics["guidance_margin"].append(nanmean(rollout.guidance_margin.tolist()))
-            _log_map_stats(metrics, maps)
+                metrics["guidance_margin"].append(nanmean(self._gather(rollout.guidance_margin.tolist())))
+            self._log_map_stats(metrics, maps)
+        rewards = self._gather(rewards)
         metrics["reward"].append(nanmean(rewards))
         metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
-        metrics["srum/token_weight"].append(float(weights.mean()))
+        metrics["srum/token_weight"].append(nanmean(self._gather(weights.float().mean(dim=1).tolist())))
         return {"rollout": rollout, "weights": weights}
 
     def _prepare_inputs(self, batch):
@@ -208,11 +210,13 @@ class SRUMTrainer(UMMTrainerBase):
         rollout, weights = inputs["rollout"], inputs["weights"]
         dropout = self.args.text_dropout if model.training else 0.0
         with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
-            per_token = self.backend.token_losses(rollout.prompts, rollout, self.args.loss_guidance, dropout)
+            per_token = self._as_forward(
+                self.backend.token_losses, rollout.prompts, rollout, self.args.loss_guidance, dropout
+            )
         weight = weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight
-        loss = (weight * per_token).mean()
+        loss = (weight * per_token).mean()  # every process holds as many images: DDP / FSDP's mean is the global one
         mode = "train" if model.training else "eval"
-        self._metrics[mode]["srum/token_loss"].append(float(per_token.detach().mean()))
+        self._metrics[mode]["srum/token_loss"].append(nanmean(self._gather([float(per_token.detach().mean())])))
         return (loss, None) if return_outputs else loss
 
     # ---------------------------------------------------------------------------------------------- logging
@@ -229,10 +233,10 @@ class SRUMTrainer(UMMTrainerBase):
             picture = render_reward_map(rollout.images[i], maps[i], rollout.prompts[i])
             picture.save(os.path.join(folder, f"step{self.state.global_step:06d}_{i}.png"))
 
-def _log_map_stats(metrics, maps: list[RewardMap]) -> None:
-    g = [m.global_score for m in maps if m.global_score is not None]
-    local = [s for m in maps for s in m.local_scores]
-    if g:
-        metrics["srum/global_score"].append(sum(g) / len(g))
-    if local:
-        metrics["srum/local_score"].append(sum(local) / len(local))
+    def _log_map_stats(self, metrics, maps: list[RewardMap]) -> None:
+        g = self._gather([m.global_score for m in maps if m.global_score is not None])
+        local = self._gather([s for m in maps for s in m.local_scores])
+        if g:
+            metrics["srum/global_score"].append(sum(g) / len(g))
+        if local:
+            metrics["srum/local_score"].append(sum(local) / len(local))
