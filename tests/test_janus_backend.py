@@ -108,3 +108,36 @@ def test_unknown_model_type(tmp_path):
         load_backend(str(empty))
     with pytest.raises(ValueError, match="must be a path"):
         load_backend(42)
+
+
+def test_wrapper_routing_keeps_an_instance_forward(tiny_backend):
+    """accelerate patches `model.forward` on the instance for mixed precision: routing the loss through a DDP-like
+    wrapper must leave that patch in place (deleting it silently turned mixed precision off after one step)."""
+    import torch
+
+    from srum_trl.models import GenerationConfig
+
+    core = tiny_backend.core
+    calls = []
+
+    def patched(*args, **kwargs):
+        calls.append(1)
+        return type(core).forward(core, *args, **kwargs)
+
+    core.forward = patched
+
+    class Wrapper(torch.nn.Module):
+        def __init__(self, module):
+            super().__init__()
+            self.module = module
+
+        def forward(self, *args, **kwargs):
+            return self.module(*args, **kwargs)
+
+    rollout = tiny_backend.generate(["a red circle"], GenerationConfig(guidance=1.0), seed=0)
+    ids, mask = tiny_backend.tokenize_prompts(["a red circle"])
+    with tiny_backend.using(Wrapper(tiny_backend.model)):
+        routed = tiny_backend.image_logits(ids, mask, rollout.tokens)
+    assert vars(core)["forward"] is patched and not calls  # restored, and not used for the routed call
+    direct = tiny_backend._image_logits(ids, mask, rollout.tokens)
+    torch.testing.assert_close(routed, direct)

@@ -19,6 +19,7 @@ from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..base import GenerationConfig, Rollout, UMMBackend
+from .understanding import JanusInputBuilder, to_device
 
 
 def _unwrap(model: torch.nn.Module) -> torch.nn.Module:
@@ -43,9 +44,15 @@ class JanusBackend(UMMBackend):
         decode_path: how [`generate`] decodes image tokens: "reference" (default, `_sample`: DynamicCache, CPU
             sampling) or "fast" (`fast.FastJanusSampler`: static K/V buffers, CUDA graphs and on-device sampling on
             CUDA; on the CPU the same tokens as "reference" for a seed). See docs/speed.md.
+
+    Attributes:
+        fast_understanding_inputs: build the inputs of [`yes_probability`] and [`answer`] with the batched path of
+            [`JanusInputBuilder`] (default True; it is checked against the processor on first use and falls back to
+            it where it differs). False always uses the processor. Settable on the class or on one backend.
     """
 
     token_kind = "discrete"
+    fast_understanding_inputs = True
 
     def __init__(
         self,
@@ -169,11 +176,15 @@ class JanusBackend(UMMBackend):
         if runner is None or runner is self.model:
             return self._image_logits(input_ids, attention_mask, image_tokens)
         core = self.core
+        own = vars(core).get("forward")  # an instance-level forward (accelerate's mixed-precision wrapper) stays
         core.forward = lambda *args, **kwargs: self._image_logits(**kwargs)
         try:
             return runner(input_ids=input_ids, attention_mask=attention_mask, image_tokens=image_tokens)
         finally:
-            del core.forward  # back to the class's forward
+            if own is not None:
+                core.forward = own
+            else:
+                del core.forward  # back to the class's forward
 
     def _image_logits(self, input_ids, attention_mask, image_tokens):
         core = self.core
@@ -283,11 +294,20 @@ class JanusBackend(UMMBackend):
         return images
 
     # ------------------------------------------------------------------------------------------ understanding
+    @property
+    def input_builder(self) -> JanusInputBuilder:
+        """Builds the inputs of [`yes_probability`] and [`answer`] (see `understanding.py`); one per backend object,
+        so that a copy of the backend gets its own first-use checks."""
+        builder = self.__dict__.get("_input_builder")
+        if builder is None or builder.backend is not self:
+            builder = self.__dict__["_input_builder"] = JanusInputBuilder(self)
+        return builder
+
     def _understanding_inputs(self, images, questions):
+        """`input_ids`, `attention_mask` and `pixel_values` on the device for one batch of (image, question) rows,
+        equal to the processor's output: [`JanusInputBuilder.build`] on the formatted questions."""
         texts = [self.format_question(q) for q in questions]
-        images = [im.convert("RGB") for im in images]
-        enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
-        return {k: v.to(self.device) for k, v in enc.items()}
+        return self.input_builder.build(images, texts, fast=self.fast_understanding_inputs)
 
     @torch.no_grad()
     def yes_probability(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
@@ -296,14 +316,16 @@ class JanusBackend(UMMBackend):
         if not self._yes_ids or not self._no_ids:
             raise ValueError("The tokenizer has no single-token 'yes'/'no'; the logits judge cannot be used.")
         out = []
+        # on the device once: indexing with a Python list would copy it there (and wait) at every chunk
+        yes_ids, no_ids = (to_device(torch.tensor(ids), self.device) for ids in (self._yes_ids, self._no_ids))
         for start in range(0, len(images), self.understanding_batch_size):
             sl = slice(start, start + self.understanding_batch_size)
             enc = self._understanding_inputs(images[sl], questions[sl])
-            logits = self.core(**enc, logits_to_keep=1).logits[:, -1].float()
-            yes = torch.logsumexp(logits[:, self._yes_ids], dim=-1)
-            no = torch.logsumexp(logits[:, self._no_ids], dim=-1)
-            out.append(torch.sigmoid(yes - no).cpu())
-        return torch.cat(out) if out else torch.zeros(0)
+            logits = self.core(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            yes = torch.logsumexp(logits.index_select(-1, yes_ids), dim=-1)
+            no = torch.logsumexp(logits.index_select(-1, no_ids), dim=-1)
+            out.append(torch.sigmoid(yes - no))  # stays on the device: one copy to the host at the end
+        return torch.cat(out).cpu() if out else torch.zeros(0)
 
     @torch.no_grad()
     def answer(self, images, questions, max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
