@@ -1,0 +1,432 @@
+#!/usr/bin/env python
+"""GPU benchmark of the self-judge in logits mode (`UMMJudgeRewardFunction(mode="logits")`) at Janus-Pro-1B
+dimensions with random bf16 weights (no download), against a plain transformers forward of the same model.
+
+Needs torch, transformers, peft, accelerate, trl, datasets; `srum_trl` is imported from this checkout.
+
+    # one GPU (bf16, SDPA, 384 px images, 576 image tokens, ~40-token question), batch 64
+    python benchmarks/janus_judge.py --out janus_judge_1b.json
+
+    # plumbing check on the CPU with tiny dimensions (seconds); the host profile still uses 384 px images
+    python benchmarks/janus_judge.py --smoke --out /tmp/janus_judge_smoke.json
+
+What is timed (after one warm-up call each, `torch.cuda.synchronize` around every call, `--repeat` calls):
+
+* `baseline`: `JanusForConditionalGeneration(input_ids, attention_mask, pixel_values, logits_to_keep=1,
+  use_cache=False)` on one batch of inputs that the processor made beforehand and that already sit on the GPU
+  (pixel values in bf16). Only the GPU forward is timed: no image or text processing.
+* `ours (global)`: `judge.judge(images, prompts, grid)` exactly as `SRUMTrainer._judge` calls it, on PIL images and
+  prompts, with the global question only (`use_local=False`): question formatting, the processor (PIL resize,
+  rescale, normalise; tokenizer), the copy to the GPU, `JanusBackend.yes_probability` in chunks of
+  `understanding_batch_size` (library default 32), the reward maps.
+* `ours (global + local)`: the same with the default grid proposer (2 x 2 cells, crops): 1 + 4 questions per image.
+
+`img/s` = images judged per second; `q/s` = questions (forward rows) per second; `crops/s` = local questions per
+second. `LM TFLOP/s` (baseline) = language-model FLOPs of one batch (2 x non-embedding parameters x tokens +
+4 x layers x hidden x length^2 per row for attention, full square counted, + the last-position lm_head) over the
+time of the whole forward (the vision tower included, so it is a lower bound on the language model's own rate).
+
+A host profile (CPU only, real 384 px dimensions, also in `--smoke`) times, per image, each host-side stage of the
+judge: the processor call of `_understanding_inputs`, its image and text parts, a 192 px crop upsampled by the
+processor, the grid proposer + reward map; it gives the host-bound ceiling of the judge on one thread of this CPU.
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime
+import gc
+import json
+import os
+import platform
+import statistics
+import sys
+import time
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+# vocabulary of the offline WordLevel tokenizer: the words of the judge's questions ("yes" and "no" must be single
+# tokens) and of the random prompts; words glued to punctuation become <unk>, which costs the same
+WORDS = ("does this image match the description answer yes or no part of an for show what asks well rendered "
+         "a photo red green blue yellow black white cat dog car bus tree house person chair table cup bottle clock "
+         "two three four left right above below next to on in small large wooden metal glass painting sunset city "
+         "street mountain river and with near under behind front").split()
+
+# Janus-Pro language sizes (deepseek-ai/Janus-Pro-1B / -7B language_config); the understanding tower is
+# transformers' default JanusVisionConfig (SigLIP-L, 384 px, 16 px patches, 576 tokens), the VQ has 16384 codes
+SIZES = {
+    "1b": dict(hidden=2048, intermediate=5632, layers=24, heads=16, vocab=102400),
+    "7b": dict(hidden=4096, intermediate=11008, layers=30, heads=32, vocab=102400),
+    "smoke": dict(hidden=64, intermediate=128, layers=2, heads=4, vocab=512),
+}
+NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, for reference
+
+
+# ---------------------------------------------------------------------------------------------- shared helpers
+def build_janus(size: str, device, dtype, seed: int = 0):
+    """A random `JanusForConditionalGeneration` of the given size on `device`, its processor and a `JanusBackend`
+    with library defaults. The model is returned in eval mode with gradients off."""
+    import torch
+    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+
+    from srum_trl.models.janus import JanusBackend, build_tokenizer
+    from srum_trl.models.janus.tiny import configure_generation
+
+    s = SIZES[size]
+    tokenizer = build_tokenizer(WORDS)
+    text = dict(model_type="llama", hidden_size=s["hidden"], intermediate_size=s["intermediate"],
+                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
+                vocab_size=s["vocab"], max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id,
+                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
+    if size == "smoke":  # 32 px images, 4 x 4 image tokens
+        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
+                      projection_dim=s["hidden"], num_image_tokens=16, mlp_ratio=2.0)
+        vq = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2, 2],
+                  num_res_blocks=1, projection_dim=s["hidden"], image_token_embed_dim=s["hidden"])
+        image_size, n_tokens = 32, 16
+    else:
+        vision = dict(image_size=384, patch_size=16, projection_dim=s["hidden"], num_image_tokens=576)
+        vq = dict(embed_dim=8, num_embeddings=16384, projection_dim=s["hidden"], image_token_embed_dim=s["hidden"])
+        image_size, n_tokens = 384, 576
+    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
+                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
+    torch.manual_seed(seed)
+    with torch.device(device):
+        model = JanusForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.eval().requires_grad_(False)
+    configure_generation(model, tokenizer)
+    processor = JanusProcessor(image_processor=JanusImageProcessorPil(size={"height": image_size, "width": image_size}),
+                               tokenizer=tokenizer, num_image_tokens=n_tokens)
+    backend = JanusBackend(model, processor)
+    assert backend.num_image_tokens == n_tokens and backend.image_size == image_size
+    return model, processor, backend
+
+
+def prompts_for(n: int, words: int, seed: int = 0) -> list[str]:
+    import random
+
+    rng = random.Random(seed)
+    return [" ".join(rng.choice(WORDS[21:]) for _ in range(words)) for _ in range(n)]
+
+
+def random_images(n: int, size: int, seed: int = 0):
+    """`n` RGB noise images of `size` px (what the judge sees does not change its cost)."""
+    import numpy as np
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def sync(device):
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def time_calls(fn, device, warmup: int, repeat: int) -> list[float]:
+    """Seconds of each of `repeat` calls of `fn`, after `warmup` untimed calls."""
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeat):
+        sync(device)
+        start = time.perf_counter()
+        fn()
+        sync(device)
+        times.append(time.perf_counter() - start)
+    return times
+
+
+def matmul_rate(device, dtype, n: int, repeat: int = 20) -> float:
+    """FLOP/s of an n x n x n matmul in `dtype` (the measured peak)."""
+    import torch
+
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    seconds = sum(time_calls(lambda: a @ b, device, warmup=3, repeat=repeat))
+    return 2 * n**3 * repeat / seconds
+
+
+def release(device):
+    import torch
+
+    gc.collect()
+    if device.type == "cuda":
+        torch.cuda.empty_cache()
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_gib(device):
+    import torch
+
+    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
+
+
+def environment(device, dtype, **extra) -> dict:
+    """Device, versions, date and command line, for the JSON."""
+    import accelerate
+    import peft
+    import torch
+    import transformers
+    import trl
+
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else (platform.processor() or "cpu")
+    return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
+                trl=trl.__version__, accelerate=accelerate.__version__, python=platform.python_version(),
+                dtype=str(dtype), date=datetime.datetime.now().isoformat(timespec="seconds"),
+                command=" ".join([sys.executable] + sys.argv), cpu_threads=torch.get_num_threads(), **extra)
+
+
+def markdown(header, rows) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
+    return "\n".join(lines)
+
+
+def write_json(path, payload) -> None:
+    if path:
+        with open(path, "w") as f:
+            json.dump(payload, f, indent=2, default=str)
+        print(f"wrote {path}")
+
+
+def n_params(module) -> int:
+    return sum(p.numel() for p in module.parameters())
+
+
+# -------------------------------------------------------------------------------------------------- judge FLOPs
+def judge_flops(model, rows: int, length: int, image_tokens: int) -> dict:
+    """Forward FLOPs of one judge batch: language model, lm_head at the last position, vision tower + aligner."""
+    lm = model.model.language_model
+    c = lm.config
+    lm_params = n_params(lm) - lm.embed_tokens.weight.numel()
+    lm_flops = rows * (2 * lm_params * length + 4 * c.num_hidden_layers * c.hidden_size * length**2)
+    head_flops = rows * 2 * model.lm_head.weight.numel()
+    v, vc = model.model.vision_model, model.config.vision_config
+    vision_flops = rows * (2 * n_params(v) * image_tokens + 4 * vc.num_hidden_layers * vc.hidden_size * image_tokens**2
+                           + 2 * n_params(model.model.aligner) * image_tokens)
+    return dict(lm_flops=lm_flops + head_flops, vision_flops=vision_flops,
+                total_flops=lm_flops + head_flops + vision_flops, lm_params=lm_params, vision_params=n_params(v))
+
+
+# ------------------------------------------------------------------------------------------------------- paths
+def run_baseline(model, backend, images, questions, device, dtype, warmup, repeat) -> tuple[dict, object]:
+    """Plain transformers forward on inputs prepared beforehand (on the device, pixel values in the model dtype)."""
+    import torch
+
+    enc = backend.processor(text=[backend.format_question(q) for q in questions], images=images,
+                            return_tensors="pt", padding=True)
+    inputs = {k: v.to(device) for k, v in enc.items()}
+    inputs["pixel_values"] = inputs["pixel_values"].to(dtype)
+
+    def forward():
+        with torch.no_grad():
+            return model(**inputs, logits_to_keep=1, use_cache=False).logits[:, -1]
+
+    times = time_calls(forward, device, warmup, repeat)
+    logits = forward().float()
+    yes, no = torch.logsumexp(logits[:, backend._yes_ids], -1), torch.logsumexp(logits[:, backend._no_ids], -1)
+    p_yes = torch.sigmoid(yes - no)  # what yes_probability computes
+    return dict(times_s=times, rows=len(images), length=inputs["input_ids"].shape[1]), p_yes.cpu()
+
+
+def run_ours(judge, images, prompts, grid, device, warmup, repeat) -> tuple[dict, list]:
+    """The judge as the trainer calls it (`SRUMTrainer._judge` -> `judge.judge(images, prompts, grid)`)."""
+    questions_before = judge.stats["questions"]
+    times = time_calls(lambda: judge.judge(images, prompts, grid), device, warmup, repeat)
+    questions = (judge.stats["questions"] - questions_before) // (warmup + repeat)
+    maps = judge.judge(images, prompts, grid)
+    return dict(times_s=times, rows=questions), maps
+
+
+def ours_breakdown(judge, images, prompts, grid, device) -> dict:
+    """One instrumented call: host preprocessing (`_understanding_inputs`: processor + copy to the device) against
+    the rest (the forwards, the P(yes) read back, the reward maps). The wrapper lives on this backend object only."""
+    backend, spent = judge.backend, []
+    original = backend._understanding_inputs
+
+    def timed_inputs(*args, **kwargs):
+        start = time.perf_counter()
+        out = original(*args, **kwargs)
+        sync(device)
+        spent.append(time.perf_counter() - start)
+        return out
+
+    backend._understanding_inputs = timed_inputs
+    try:
+        (total,) = time_calls(lambda: judge.judge(images, prompts, grid), device, 0, 1)
+    finally:
+        del backend._understanding_inputs  # back to the class's method
+    return dict(total_s=total, host_preprocessing_s=sum(spent), chunks=len(spent),
+                preprocessing_fraction=sum(spent) / total)
+
+
+def host_profile(n: int) -> dict:
+    """Per-image (per-crop) milliseconds of each host-side stage of the judge at real dimensions (384 px, 576 image
+    tokens), on the CPU whatever the benchmark's device, and the host-bound ceiling they imply on one thread."""
+    import torch
+    from transformers import JanusImageProcessorPil, JanusProcessor
+
+    from srum_trl.models.janus import JanusBackend, build_tokenizer
+    from srum_trl.rewards import GridProposer, Region, RewardMap
+
+    tokenizer = build_tokenizer(WORDS)
+    processor = JanusProcessor(image_processor=JanusImageProcessorPil(size={"height": 384, "width": 384}),
+                               tokenizer=tokenizer, num_image_tokens=576)
+    backend = JanusBackend(torch.nn.Linear(1, 1), processor)  # a CPU stand-in: only the model's device is read
+    images, prompts = random_images(n, 384, seed=1), prompts_for(n, 28, seed=1)
+    questions = [f'Does this image match the description "{p}"? Answer yes or no.' for p in prompts]
+    expanded = [backend.format_question(q).replace(processor.image_token, processor.image_start_token
+                                                   + processor.image_token * 576 + processor.image_end_token)
+                for q in questions]
+    grid = GridProposer(2)
+
+    def maps():
+        for im in images:
+            RewardMap.from_scores(im.size, (24, 24), 0.1, [Region(tuple(b), 0.2) for b in grid(im)])
+
+    stages = {
+        "global question: _understanding_inputs (text + 384 px image)": (
+            lambda: backend._understanding_inputs(images, questions)),
+        "  of which the image processor (PIL resize, rescale, normalise, float32)": (
+            lambda: processor.image_processor(images, return_tensors="pt")),
+        "  of which the tokenizer (576 placeholders expanded)": (
+            lambda: tokenizer(expanded, return_tensors="pt", padding=True)),
+        "local question: crop + _understanding_inputs (192 px crop upsampled to 384)": (
+            lambda: backend._understanding_inputs([im.crop((0, 0, 192, 192)) for im in images], questions)),
+        "grid proposer + reward map per image (2 x 2, bilinear)": maps,
+    }
+    cpu = torch.device("cpu")
+    ms = {name: 1e3 * min(time_calls(fn, cpu, 1, 3)) / n for name, fn in stages.items()}
+    names = list(stages)
+    per_global = ms[names[0]] + ms[names[4]]
+    per_local = per_global + 4 * ms[names[3]]
+    return dict(images=n, ms_per_image=ms, pixel_values_bytes_per_image_float32=3 * 384 * 384 * 4,
+                pixel_values_bytes_per_image_uint8=3 * 384 * 384, host_ms_per_image_global=per_global,
+                host_ms_per_image_global_local=per_local, host_bound_img_per_s_global=1e3 / per_global,
+                host_bound_img_per_s_global_local=1e3 / per_local)
+
+
+def judge_builds_kv_cache(backend) -> bool:
+    """Whether the forward that `yes_probability` runs (no `use_cache` given) builds a K/V cache it never reads."""
+    import torch
+
+    size = backend.image_size
+    enc = backend._understanding_inputs(random_images(1, size), ["Does this image match? Answer yes or no."])
+    with torch.no_grad():
+        return backend.core(**enc, logits_to_keep=1).past_key_values is not None
+
+
+# -------------------------------------------------------------------------------------------------------- main
+def main(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="1b", choices=["1b", "7b"])
+    parser.add_argument("--batch", type=int, default=64, help="images per judge call")
+    parser.add_argument("--repeat", type=int, default=5, help="timed calls of the baseline and the global judge")
+    parser.add_argument("--local-repeat", type=int, default=2, help="timed calls of the global + local judge")
+    parser.add_argument("--prompt-words", type=int, default=28, help="words per prompt (question ~ words + 10 tokens)")
+    parser.add_argument("--judge-chunk", type=int, default=None,
+                        help="JanusBackend.understanding_batch_size (default: the library's, 32)")
+    parser.add_argument("--host-images", type=int, default=None, help="images of the host profile (default 32)")
+    parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
+    parser.add_argument("--out", default=None, help="write the results as JSON here")
+    args = parser.parse_args(argv)
+
+    import torch
+
+    from srum_trl.rewards import UMMJudgeRewardFunction
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("no CUDA device: run with --smoke on the CPU")
+    if args.smoke:  # tiny tensors: more threads only add contention (and OpenMP spin-waits) on a busy CPU
+        torch.set_num_threads(1)
+    dtype = torch.float32 if args.smoke else torch.bfloat16
+    size = "smoke" if args.smoke else args.model
+    batch = min(args.batch, 8) if args.smoke else args.batch
+    repeat, local_repeat = (2, 1) if args.smoke else (args.repeat, args.local_repeat)
+    peak = matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256)
+    info = environment(device, dtype, model=size, batch=batch, measured_matmul_tflops=peak / 1e12,
+                       nominal_bf16_tflops=NOMINAL_BF16_TFLOPS, smoke=args.smoke)
+    print(f"{info['device']}: matmul {peak / 1e12:.1f} TFLOP/s measured (nominal dense bf16 {NOMINAL_BF16_TFLOPS:.0f})")
+
+    model, processor, backend = build_janus(size, device, dtype)
+    if args.judge_chunk:
+        backend.understanding_batch_size = args.judge_chunk
+    info.update(understanding_batch_size=backend.understanding_batch_size, image_processor=type(
+        processor.image_processor).__name__, attn_implementation=model.config.text_config._attn_implementation,
+        vision_attn_implementation=model.config.vision_config._attn_implementation)
+    images = random_images(batch, backend.image_size)
+    prompts = prompts_for(batch, args.prompt_words)
+    grid = backend.token_grid
+    global_judge = UMMJudgeRewardFunction(backend, mode="logits", use_local=False)
+    local_judge = UMMJudgeRewardFunction(backend, mode="logits", region_proposer="grid", region_grid=2)
+    questions = [global_judge._global_question(p) for p in prompts]
+    results = []
+
+    release(device)
+    base, p_yes = run_baseline(model, backend, images, questions, device, dtype, 1, repeat)
+    base.update(path="baseline (transformers forward)", peak_gib=peak_gib(device),
+                **judge_flops(model, batch, base["length"], backend.num_image_tokens))
+    results.append(base)
+    release(device)
+    ours, maps = run_ours(global_judge, images, prompts, grid, device, 1, repeat)
+    ours.update(path="ours: judge, global", peak_gib=peak_gib(device),
+                breakdown=ours_breakdown(global_judge, images, prompts, grid, device),
+                max_abs_diff_vs_baseline=float((torch.tensor([2 * p - 1 for p in p_yes.tolist()]) - torch.tensor(
+                    [m.global_score for m in maps])).abs().max()))
+    results.append(ours)
+    release(device)
+    local, _ = run_ours(local_judge, images, prompts, grid, device, 1, local_repeat)
+    local.update(path="ours: judge, global + local (2x2 crops)", peak_gib=peak_gib(device),
+                 breakdown=ours_breakdown(local_judge, images, prompts, grid, device))
+    results.append(local)
+
+    for row in results:
+        row["batch"] = batch
+        row["mean_s"] = statistics.mean(row["times_s"])
+        row["images_per_s"] = batch / row["mean_s"]
+        row["questions_per_s"] = row["rows"] / row["mean_s"]
+        row["crops_per_s"] = (row["rows"] - batch) / row["mean_s"] if "local" in row["path"] else 0.0
+        row["ratio_vs_baseline"] = row["images_per_s"] / results[0]["images_per_s"]
+    base["lm_tflops"] = base["lm_flops"] / base["mean_s"] / 1e12
+    base["total_tflops"] = base["total_flops"] / base["mean_s"] / 1e12
+    base["lm_fraction_of_measured_peak"] = base["lm_tflops"] * 1e12 / peak
+    info["kv_cache_built_by_judge_forward"] = judge_builds_kv_cache(backend)
+    model = backend = global_judge = local_judge = None
+    release(device)
+    host = host_profile(args.host_images or (8 if args.smoke else 32))
+    targets = dict(ours_at_least_baseline=ours["images_per_s"] >= base["images_per_s"],
+                   ours_at_least_220_img_per_s=ours["images_per_s"] >= 220.0)
+
+    print()
+    print(markdown(("path", "batch", "q/img", "mean ms", "img/s", "q/s", "crops/s", "vs baseline", "host prep %",
+                    "peak GiB"), [
+        (r["path"], r["batch"], r["rows"] // r["batch"], f"{1e3 * r['mean_s']:.1f}", f"{r['images_per_s']:.1f}",
+         f"{r['questions_per_s']:.1f}", f"{r['crops_per_s']:.1f}" if r["crops_per_s"] else "-",
+         f"{r['ratio_vs_baseline']:.2f}x",
+         f"{100 * r['breakdown']['preprocessing_fraction']:.0f}" if "breakdown" in r else "-",
+         r["peak_gib"] if r["peak_gib"] is not None else "-") for r in results]))
+    print(f"\nbaseline: {base['length']} tokens per row; language model {base['lm_tflops']:.1f} TFLOP/s "
+          f"({100 * base['lm_fraction_of_measured_peak']:.0f}% of the measured matmul peak), whole forward "
+          f"{base['total_tflops']:.1f} TFLOP/s; ours (global) vs baseline P(yes) max |diff| "
+          f"{ours['max_abs_diff_vs_baseline']:.3g} (as 2p-1)")
+    print(f"targets: ours >= baseline: {targets['ours_at_least_baseline']}; ours >= 220 img/s: "
+          f"{targets['ours_at_least_220_img_per_s']}; judge forward builds an unused K/V cache: "
+          f"{info['kv_cache_built_by_judge_forward']}")
+    print(f"\nhost profile (CPU, {host['images']} images at 384 px, {info['cpu_threads']} torch threads):")
+    print(markdown(("host stage", "ms / image"), [(k, f"{v:.2f}") for k, v in host["ms_per_image"].items()]))
+    print(f"host-bound ceiling on this CPU: {host['host_bound_img_per_s_global']:.0f} img/s (global), "
+          f"{host['host_bound_img_per_s_global_local']:.0f} img/s (global + 4 crops)")
+    payload = dict(info=info, results=results, targets=targets, host_profile=host)
+    write_json(args.out, payload)
+    return payload
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,48 @@
+"""The GPU benchmarks' `--smoke` mode (tiny dimensions on the CPU) runs end to end and writes its JSON."""
+
+import importlib
+import json
+import os
+import sys
+
+import pytest
+import torch
+
+BENCHMARKS = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks")
+
+
+@pytest.fixture
+def benchmark_module():
+    threads = torch.get_num_threads()  # the smoke mode runs single-threaded; give the other tests theirs back
+    sys.path.insert(0, BENCHMARKS)
+    try:
+        yield importlib.import_module
+    finally:
+        sys.path.remove(BENCHMARKS)
+        torch.set_num_threads(threads)
+
+
+def test_judge_benchmark_smoke(benchmark_module, tmp_path):
+    out = tmp_path / "judge.json"
+    payload = benchmark_module("janus_judge").main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["info"]["smoke"] and saved["info"]["command"]
+    paths = [r["path"] for r in payload["results"]]
+    assert len(paths) == 3 and paths[0].startswith("baseline")
+    assert all(r["images_per_s"] > 0 for r in payload["results"])
+    assert payload["results"][1]["max_abs_diff_vs_baseline"] < 1e-4  # the judge computes the baseline's P(yes)
+    assert payload["results"][2]["rows"] == 5 * payload["results"][2]["batch"]  # global + 2 x 2 crops
+    assert payload["host_profile"]["host_bound_img_per_s_global"] > 0
+
+
+def test_train_benchmark_smoke(benchmark_module, tmp_path):
+    out = tmp_path / "train.json"
+    payload = benchmark_module("janus_train").main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["info"]["flops_formula"]
+    rows = {r["variant"]: r for r in payload["results"]}
+    assert len(rows) == 4 and all(r["mfu_6n"] > 0 and r["step_s"] > 0 for r in rows.values())
+    lora = next(r for name, r in rows.items() if "lora" in name)
+    assert lora["flops_4n2t"] < lora["flops_6n"] and 0 < lora["trainable_params"] < 1e5
+    phases = payload["iteration"]["phases"]
+    assert len(phases) == 5 and payload["iteration"]["judge_questions"] == 5 * payload["iteration"]["images"]
