@@ -46,3 +46,10 @@ def test_train_benchmark_smoke(benchmark_module, tmp_path):
     assert lora["flops_4n2t"] < lora["flops_6n"] and 0 < lora["trainable_params"] < 1e5
     phases = payload["iteration"]["phases"]
     assert len(phases) == 5 and payload["iteration"]["judge_questions"] == 5 * payload["iteration"]["images"]
+
+
+def test_generate_calls_benchmark_smoke(benchmark_module, tmp_path):
+    out = tmp_path / "calls.json"
+    payload = benchmark_module("janus_generate_calls").main(["--smoke", "--calls", "2", "--out", str(out)])
+    assert json.loads(out.read_text())["same_tokens_per_seed"] is True
+    assert [(r["keep_fast_decoder"], r["call"]) for r in payload["rows"]] == [(False, 1), (False, 2), (True, 1), (True, 2)]

@@ -250,3 +250,65 @@ def test_cuda_device_sampling(tiny_janus):
                       temperature=1.3)
     torch.testing.assert_close(backend.token_logprobs(PROMPTS, rollout).cpu(), a[2].cpu(), atol=1e-4, rtol=1e-4)
     assert not math.isnan(a[1].sum().item())
+
+
+# ------------------------------------------------------------------------------------------- kept decoder
+def _kept_backend(tiny_janus, device="cpu"):
+    model, processor = tiny_janus
+    return JanusBackend(_sharpen(model).to(device), processor, decode_path="fast", keep_fast_decoder=True)
+
+
+def test_kept_decoder_is_reused_and_draws_what_a_fresh_one_draws(tiny_janus):
+    """Kept between calls: the same sampler and decoder serve the next call of the same shape, and for each seed
+    the tokens equal those of a fresh decoder (the reference's, on the CPU), also after the weights changed in place
+    (as an optimizer step changes them)."""
+    kept = _kept_backend(tiny_janus)
+    fresh = JanusBackend(kept.model, kept.processor, decode_path="fast")
+    config = GenerationConfig(guidance=3.0, temperature=0.9, batch_size=3)
+    first = kept.generate(PROMPTS, config, seed=1)
+    sampler, decoder = kept._fast_sampler, kept._fast_sampler.decoder
+    for seed in (1, 2):
+        assert torch.equal(kept.generate(PROMPTS, config, seed=seed).tokens, fresh.generate(PROMPTS, config, seed).tokens)
+    assert kept._fast_sampler is sampler and sampler.decoder is decoder and sampler.decoders_built == 1
+    assert torch.equal(kept.generate(PROMPTS, config, seed=1).tokens, first.tokens)
+    with torch.no_grad():
+        kept.core.model.generation_head.vision_head.weight.mul_(1.5)  # in place: same storage, new values
+    assert torch.equal(kept.generate(PROMPTS, config, seed=4).tokens, fresh.generate(PROMPTS, config, seed=4).tokens)
+    assert kept._fast_sampler is sampler
+
+
+def test_kept_decoder_is_rebuilt_when_what_it_captured_changes(tiny_janus):
+    """New parameter storage, or PEFT adapters switched off, give a new decoder (a CUDA graph would otherwise replay
+    the old weights or the old adapter state); without `keep_fast_decoder` nothing is kept."""
+    peft = pytest.importorskip("peft")
+    kept = _kept_backend(tiny_janus)
+    config = GenerationConfig(guidance=3.0)
+    kept.generate(PROMPTS[:1], config, seed=0)
+    sampler = kept._fast_sampler
+    head = kept.core.model.generation_head.vision_head
+    head.weight = torch.nn.Parameter(head.weight.detach().clone())  # new storage
+    kept.generate(PROMPTS[:1], config, seed=0)
+    assert kept._fast_sampler is not sampler
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=r".*language_model.*\.q_proj")
+    kept.model = peft.get_peft_model(kept.model, lora)
+    kept.generate(PROMPTS[:1], config, seed=0)
+    with_adapters = kept._fast_sampler
+    with kept.frozen():
+        kept.generate(PROMPTS[:1], config, seed=0)
+        assert kept._fast_sampler is not with_adapters
+    kept.keep_fast_decoder = False
+    kept.generate(PROMPTS[:1], config, seed=0)
+    assert kept._fast_sampler is None
+
+
+@pytest.mark.gpu
+def test_cuda_kept_decoder_replays_graphs_across_calls(tiny_janus):
+    kept = _kept_backend(tiny_janus, "cuda")
+    fresh = JanusBackend(kept.model, kept.processor, decode_path="fast")
+    config = GenerationConfig(guidance=3.0, temperature=1.3)
+    kept.generate(PROMPTS, config, seed=0)
+    captures = kept._fast_sampler.decoder.graphs.captures
+    assert captures > 0
+    for seed in (0, 3):
+        assert torch.equal(kept.generate(PROMPTS, config, seed=seed).tokens, fresh.generate(PROMPTS, config, seed).tokens)
+    assert kept._fast_sampler.decoder.graphs.captures == captures  # replayed, not captured again

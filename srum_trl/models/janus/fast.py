@@ -325,6 +325,11 @@ class FastJanusSampler:
         self.decoders_built = 0
         self._device_generator = None
 
+    def new_call(self) -> None:
+        """Start a new `generate` call: the device generator is seeded again from that call's generator, so a kept
+        sampler draws, for a seed, the tokens that a fresh one would."""
+        self._device_generator = None
+
     def _mode(self, device: torch.device) -> str:
         if self.sampling == "auto":
             return "host" if device.type == "cpu" else "device"
