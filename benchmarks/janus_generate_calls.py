@@ -20,7 +20,7 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 
-from janus_rollouts import build, import_janus, prompts_for, timed_call  # noqa: E402
+from janus_rollouts import build, command_line, import_janus, prompts_for, timed_call  # noqa: E402
 
 
 def main(argv=None) -> dict:
@@ -61,7 +61,7 @@ def main(argv=None) -> dict:
     result = {
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "torch": torch.__version__, "model": size, "batch": batch, "guidance": args.guidance, "rows": rows,
-        "same_tokens_per_seed": same, "fresh_decoders_reproduce_each_other": fresh_same, "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
+        "same_tokens_per_seed": same, "fresh_decoders_reproduce_each_other": fresh_same, "command": command_line(),
     }
     print("| keep_fast_decoder | call | seconds | images/s |\n|---|---|---|---|")
     for r in rows:

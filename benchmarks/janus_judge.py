@@ -35,7 +35,6 @@ from __future__ import annotations
 
 import argparse
 import datetime
-import gc
 import json
 import os
 import platform
@@ -48,6 +47,10 @@ os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+
+import janus_rollouts as jr  # noqa: E402  (model builder, timing and memory helpers)
+from janus_rollouts import matmul_rate, peak_gib, release, sync  # noqa: E402,F401  (also used by janus_train)
 
 # vocabulary of the offline WordLevel tokenizer: the words of the judge's questions ("yes" and "no" must be single
 # tokens) and of the random prompts; words glued to punctuation become <unk>, which costs the same
@@ -56,53 +59,17 @@ WORDS = ("does this image match the description answer yes or no part of an for 
          "two three four left right above below next to on in small large wooden metal glass painting sunset city "
          "street mountain river and with near under behind front").split()
 
-# Janus-Pro language sizes (deepseek-ai/Janus-Pro-1B / -7B language_config); the understanding tower is
-# transformers' default JanusVisionConfig (SigLIP-L, 384 px, 16 px patches, 576 tokens), the VQ has 16384 codes
-SIZES = {
-    "1b": dict(hidden=2048, intermediate=5632, layers=24, heads=16, vocab=102400),
-    "7b": dict(hidden=4096, intermediate=11008, layers=30, heads=32, vocab=102400),
-    "smoke": dict(hidden=64, intermediate=128, layers=2, heads=4, vocab=512),
-}
 NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, for reference
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
 def build_janus(size: str, device, dtype, seed: int = 0):
-    """A random `JanusForConditionalGeneration` of the given size on `device`, its processor and a `JanusBackend`
-    with library defaults. The model is returned in eval mode with gradients off."""
-    import torch
-    from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+    """A random Janus model of the given size (janus_rollouts' builder) with the judge's vocabulary: model,
+    processor and a `JanusBackend` with library defaults."""
+    import srum_trl.models.janus as janus
 
-    from srum_trl.models.janus import JanusBackend, build_tokenizer
-    from srum_trl.models.janus.tiny import configure_generation
-
-    s = SIZES[size]
-    tokenizer = build_tokenizer(WORDS)
-    text = dict(model_type="llama", hidden_size=s["hidden"], intermediate_size=s["intermediate"],
-                num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
-                vocab_size=s["vocab"], max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id,
-                bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id)
-    if size == "smoke":  # 32 px images, 4 x 4 image tokens
-        vision = dict(hidden_size=32, num_hidden_layers=1, num_attention_heads=2, image_size=32, patch_size=8,
-                      projection_dim=s["hidden"], num_image_tokens=16, mlp_ratio=2.0)
-        vq = dict(embed_dim=8, num_embeddings=64, latent_channels=32, base_channels=32, channel_multiplier=[1, 1, 2, 2],
-                  num_res_blocks=1, projection_dim=s["hidden"], image_token_embed_dim=s["hidden"])
-        image_size, n_tokens = 32, 16
-    else:
-        vision = dict(image_size=384, patch_size=16, projection_dim=s["hidden"], num_image_tokens=576)
-        vq = dict(embed_dim=8, num_embeddings=16384, projection_dim=s["hidden"], image_token_embed_dim=s["hidden"])
-        image_size, n_tokens = 384, 576
-    config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
-                         image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
-    torch.manual_seed(seed)
-    with torch.device(device):
-        model = JanusForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
-    model.eval().requires_grad_(False)
-    configure_generation(model, tokenizer)
-    processor = JanusProcessor(image_processor=JanusImageProcessorPil(size={"height": image_size, "width": image_size}),
-                               tokenizer=tokenizer, num_image_tokens=n_tokens)
-    backend = JanusBackend(model, processor)
-    assert backend.num_image_tokens == n_tokens and backend.image_size == image_size
+    model, processor, backend = jr.build(janus, size, device, dtype, words=WORDS, seed=seed)
+    assert backend.image_size == (32 if size == "smoke" else 384)
     return model, processor, backend
 
 
@@ -122,13 +89,6 @@ def random_images(n: int, size: int, seed: int = 0):
     return [Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)) for _ in range(n)]
 
 
-def sync(device):
-    import torch
-
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
-
-
 def time_calls(fn, device, warmup: int, repeat: int) -> list[float]:
     """Seconds of each of `repeat` calls of `fn`, after `warmup` untimed calls."""
     for _ in range(warmup):
@@ -143,30 +103,6 @@ def time_calls(fn, device, warmup: int, repeat: int) -> list[float]:
     return times
 
 
-def matmul_rate(device, dtype, n: int, repeat: int = 20) -> float:
-    """FLOP/s of an n x n x n matmul in `dtype` (the measured peak)."""
-    import torch
-
-    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
-    seconds = sum(time_calls(lambda: a @ b, device, warmup=3, repeat=repeat))
-    return 2 * n**3 * repeat / seconds
-
-
-def release(device):
-    import torch
-
-    gc.collect()
-    if device.type == "cuda":
-        torch.cuda.empty_cache()
-        torch.cuda.reset_peak_memory_stats(device)
-
-
-def peak_gib(device):
-    import torch
-
-    return round(torch.cuda.max_memory_allocated(device) / 2**30, 2) if device.type == "cuda" else None
-
-
 def environment(device, dtype, **extra) -> dict:
     """Device, versions, date and command line, for the JSON."""
     import accelerate
@@ -179,7 +115,7 @@ def environment(device, dtype, **extra) -> dict:
     return dict(device=name, torch=torch.__version__, transformers=transformers.__version__, peft=peft.__version__,
                 trl=trl.__version__, accelerate=accelerate.__version__, python=platform.python_version(),
                 dtype=str(dtype), date=datetime.datetime.now().isoformat(timespec="seconds"),
-                command=" ".join([sys.executable] + sys.argv), cpu_threads=torch.get_num_threads(), **extra)
+                command=jr.command_line(), cpu_threads=torch.get_num_threads(), **extra)
 
 
 def markdown(header, rows) -> str:
@@ -350,7 +286,7 @@ def main(argv=None):
     size = "smoke" if args.smoke else args.model
     batch = min(args.batch, 8) if args.smoke else args.batch
     repeat, local_repeat = (2, 1) if args.smoke else (args.repeat, args.local_repeat)
-    peak = matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256)
+    peak = matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256, repeat=20)
     info = environment(device, dtype, model=size, batch=batch, measured_matmul_tflops=peak / 1e12,
                        nominal_bf16_tflops=NOMINAL_BF16_TFLOPS, smoke=args.smoke)
     print(f"{info['device']}: matmul {peak / 1e12:.1f} TFLOP/s measured (nominal dense bf16 {NOMINAL_BF16_TFLOPS:.0f})")

@@ -531,11 +531,12 @@ def main(argv=None) -> int:
     result = run_distributed(args, ref)
     if int(os.environ.get("RANK", "0")) == 0:
         result.update(
-            script="benchmarks/janus_multigpu.py", argv=sys.argv[1:], model=args.model, world_size=world,
+            script="benchmarks/janus_multigpu.py", model=args.model, world_size=world,
+            argv=[os.path.basename(a) if os.path.isabs(a) else a for a in sys.argv[1:]],  # no machine paths
             device="cpu" if args.cpu else torch.cuda.get_device_name(0), torch=torch.__version__,
             wall_s=round(time.perf_counter() - start, 1),
             precision="bf16" if args.bf16 else "fp32", tolerance=TOLERANCE["bf16" if args.bf16 else "fp32"],
-            reference=args.reference,
+            reference=os.path.basename(args.reference),
         )
         result["passed"] = all(t["passed"] for t in result["trainers"].values())
         with open(args.out, "w") as f:

@@ -76,13 +76,14 @@ def import_janus():
     return janus, importlib.import_module("srum_trl.models.janus.fast"), importlib.import_module("srum_trl.models.base")
 
 
-def build(janus, size: str, device, dtype):
-    """A random `JanusForConditionalGeneration` of the given size on `device`, its processor and our backend."""
+def build(janus, size: str, device, dtype, words=WORDS, seed: int = 0):
+    """A random `JanusForConditionalGeneration` of the given size on `device` (eval mode, no gradients), its
+    processor (a WordLevel tokenizer over `words`) and our backend with library defaults."""
     import torch
     from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
 
     s = SIZES[size]
-    tokenizer = janus.build_tokenizer(WORDS)
+    tokenizer = janus.build_tokenizer(words)
     text = dict(model_type="llama", hidden_size=s["hidden"], intermediate_size=s["intermediate"],
                 num_hidden_layers=s["layers"], num_attention_heads=s["heads"], num_key_value_heads=s["heads"],
                 vocab_size=s["vocab"], max_position_embeddings=16384, pad_token_id=tokenizer.pad_token_id,
@@ -100,7 +101,7 @@ def build(janus, size: str, device, dtype):
     config = JanusConfig(text_config=text, vision_config=vision, vq_config=vq,
                          image_token_id=tokenizer.convert_tokens_to_ids("<image_placeholder>"))
     config.text_config._attn_implementation = "sdpa"
-    torch.manual_seed(0)
+    torch.manual_seed(seed)
     with torch.device(device):
         model = JanusForConditionalGeneration._from_config(config, dtype=dtype, attn_implementation="sdpa")
     model.eval().requires_grad_(False)
@@ -117,6 +118,14 @@ def prompts_for(n: int, words: int, seed: int = 0) -> list[str]:
 
     rng = random.Random(seed)
     return [" ".join(rng.choice(WORDS) for _ in range(words)) for _ in range(n)]
+
+
+def command_line() -> str:
+    """The running command without machine paths: `python`, the script relative to the repository, its arguments
+    (absolute paths reduced to file names)."""
+    script = os.path.relpath(os.path.abspath(sys.argv[0]), ROOT)
+    args = [os.path.basename(a) if os.path.isabs(a) else a for a in sys.argv[1:]]
+    return " ".join(["python", script, *args])
 
 
 def sync(device):

@@ -319,7 +319,7 @@ def main(argv=None):
     images = 8 if args.smoke else args.iteration_images
     if images % batch:
         parser.error(f"--iteration-images ({images}) must be a multiple of --batch ({batch})")
-    peak = jj.matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256)
+    peak = jj.matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256, repeat=20)
     nominal = jj.NOMINAL_BF16_TFLOPS * 1e12
     info = jj.environment(device, dtype, model=size, batch=batch, warmup_steps=warmup, timed_steps=steps,
                           measured_matmul_tflops=peak / 1e12, nominal_bf16_tflops=jj.NOMINAL_BF16_TFLOPS,
