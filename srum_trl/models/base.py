@@ -124,6 +124,25 @@ class UMMBackend(ABC):
     ) -> Rollout:
         """Generate one image per prompt."""
 
+    def _sample_batches(self, prompts: list[str], batch_size: int, seed: int | None, sample, progress=False) -> list:
+        """`sample(batch_prompts, generator)` for consecutive batches of `batch_size` prompts, in eval mode (the
+        model's training mode is restored afterwards, also when sampling fails), with one CPU generator seeded from
+        `seed` (a random seed when None) shared by the batches. Returns the per-batch results in order: the shell
+        of every backend's [`generate`]."""
+        from tqdm.auto import tqdm
+
+        generator = torch.Generator(device="cpu")
+        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
+        was_training = self.model.training
+        self.model.eval()
+        try:
+            starts = range(0, len(prompts), batch_size)
+            return [sample(prompts[start : start + batch_size], generator)
+                    for start in tqdm(starts, desc="generating", disable=not progress, leave=False)]
+        finally:
+            if was_training:
+                self.model.train()
+
     @abstractmethod
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
         """Turn a generation state (image tokens or latents) back into images."""

@@ -229,26 +229,8 @@ class BagelBackend(UMMBackend):
         top_k do not apply to flow sampling. The same seed gives the same images (noise is drawn on the CPU)."""
         config = config or GenerationConfig(guidance=4.0)
         self.check_prompts(prompts)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            latents = []
-            starts = list(range(0, len(prompts), config.batch_size))
-            iterator = starts
-            if progress:
-                try:
-                    from tqdm.auto import tqdm
-
-                    iterator = tqdm(starts, desc="generating", leave=False)
-                except ImportError:
-                    pass
-            for start in iterator:
-                latents.append(self._sample(prompts[start : start + config.batch_size], config.guidance, generator))
-        finally:
-            if was_training:
-                self.model.train()
+        latents = self._sample_batches(prompts, config.batch_size, seed,
+                                       lambda batch, g: self._sample(batch, config.guidance, g), progress)
         latents = torch.cat(latents)
         return Rollout(
             prompts=list(prompts),

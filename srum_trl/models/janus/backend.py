@@ -15,7 +15,6 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from PIL import Image
-from tqdm.auto import tqdm
 from transformers import DynamicCache
 
 from ..base import GenerationConfig, Rollout, UMMBackend
@@ -213,25 +212,12 @@ class JanusBackend(UMMBackend):
     ) -> Rollout:
         config = config or GenerationConfig()
         self.check_prompts(prompts)
-        generator = torch.Generator(device="cpu")
-        generator.manual_seed(seed if seed is not None else int(torch.randint(0, 2**62, (1,)).item()))
-        was_training = self.model.training
-        self.model.eval()
-        tokens, margins, logprobs = [], [], []
         sample = self._sample
         if self.decode_path == "fast":  # static-cache decoder (srum_trl/models/janus/fast.py)
             sample = self._fast_sampler_for_call()
-        starts = range(0, len(prompts), config.batch_size)
-        try:
-            for start in tqdm(starts, desc="generating", disable=not progress, leave=False):
-                batch = prompts[start : start + config.batch_size]
-                t, m, lp = sample(batch, config, generator)
-                tokens.append(t)
-                margins.append(m)
-                logprobs.append(lp)
-        finally:  # a failed generation must not leave a training model in eval mode
-            if was_training:
-                self.model.train()
+        batches = self._sample_batches(prompts, config.batch_size, seed, lambda batch, g: sample(batch, config, g),
+                                       progress)
+        tokens, margins, logprobs = zip(*batches)
         tokens = torch.cat(tokens)
         return Rollout(
             prompts=list(prompts),
