@@ -63,6 +63,19 @@ NOMINAL_BF16_TFLOPS = 989.0  # H100 / H200 SXM dense bf16, for reference
 
 
 # ---------------------------------------------------------------------------------------------- shared helpers
+def device_setup(args, parser):
+    """(device, dtype, model size) of a run: CUDA in bf16, or with --smoke the CPU in float32, single-threaded
+    (tiny tensors: more threads only add contention and OpenMP spin-waits on a busy CPU)."""
+    import torch
+
+    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
+    if device.type == "cpu" and not args.smoke:
+        parser.error("no CUDA device: run with --smoke on the CPU")
+    if args.smoke:
+        torch.set_num_threads(1)
+    return device, (torch.float32 if args.smoke else torch.bfloat16), ("smoke" if args.smoke else args.model)
+
+
 def build_janus(size: str, device, dtype, seed: int = 0):
     """A random Janus model of the given size (janus_rollouts' builder) with the judge's vocabulary: model,
     processor and a `JanusBackend` with library defaults."""
@@ -277,13 +290,7 @@ def main(argv=None):
 
     from srum_trl.rewards import UMMJudgeRewardFunction
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.smoke:
-        parser.error("no CUDA device: run with --smoke on the CPU")
-    if args.smoke:  # tiny tensors: more threads only add contention (and OpenMP spin-waits) on a busy CPU
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    size = "smoke" if args.smoke else args.model
+    device, dtype, size = device_setup(args, parser)
     batch = min(args.batch, 8) if args.smoke else args.batch
     repeat, local_repeat = (2, 1) if args.smoke else (args.repeat, args.local_repeat)
     peak = matmul_rate(device, dtype, 8192 if device.type == "cuda" else 256, repeat=20)

@@ -308,13 +308,7 @@ def main(argv=None):
 
     import torch
 
-    device = torch.device("cpu" if args.smoke or not torch.cuda.is_available() else "cuda")
-    if device.type == "cpu" and not args.smoke:
-        parser.error("no CUDA device: run with --smoke on the CPU")
-    if args.smoke:  # tiny tensors: more threads only add contention (and OpenMP spin-waits) on a busy CPU
-        torch.set_num_threads(1)
-    dtype = torch.float32 if args.smoke else torch.bfloat16
-    size = "smoke" if args.smoke else args.model
+    device, dtype, size = jj.device_setup(args, parser)
     batch, warmup, steps = (4, 2, 2) if args.smoke else (args.batch, args.warmup, args.steps)
     images = 8 if args.smoke else args.iteration_images
     if images % batch:
