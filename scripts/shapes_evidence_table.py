@@ -13,7 +13,7 @@ import argparse
 import json
 import math
 
-from srum_trl.shapes.evidence import ARMS, CONTROL_ARMS, _ms, _num, _pct, summarize
+from srum_trl.shapes.evidence import CONTROL_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_order, parse_arm, summarize
 
 
 def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
@@ -44,8 +44,9 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
 
 
 def _recipe(config: dict, arm: str) -> str:
-    grpo = arm.startswith("grpo")
-    lr = config["grpo_learning_rate"] if grpo else config["learning_rate"]
+    name, lr = parse_arm(arm)
+    grpo = name in GRPO_ARMS
+    lr = lr or (config["grpo_learning_rate"] if grpo else config["learning_rate"])
     groups = f", groups of {config['num_generations']}" if grpo else ""
     return f"{config['steps']} x {config['batch_size']}, lr {lr:g}{groups}"
 
@@ -61,9 +62,9 @@ def table(summary: dict, rows: list[dict]) -> str:
              f"{_pct(base['heldout']['pair'])} | {_pct(base['heldout']['spatial'])} | "
              f"{_pct(base['heldout']['counting'])} | {_pct(base['understanding'])} | "
              f"{_pct(base.get('train_prompts', {}).get('overall'))} | | | | |"]
-    for arm in [a for a in ARMS if a in summary]:
+    for arm in arm_order(a for a in summary if a != "base"):
         e = summary[arm]
-        label = f"{arm} (control)" if arm in CONTROL_ARMS else arm
+        label = f"{arm} (control)" if parse_arm(arm)[0] in CONTROL_ARMS else arm
         closed = "" if e.get("error_closed") is None else f"{100 * e['error_closed']:+.0f}%"
         lines.append(f"| {label} | {recipes[arm]} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | "
                      f"{_ms(e['spatial'])} | {_ms(e['counting'])} | {_ms(e['understanding'])} | "

@@ -10,7 +10,7 @@ import torch
 from srum_trl.cli import main
 from srum_trl.models import GenerationConfig, load_backend
 from srum_trl.shapes import assets
-from srum_trl.shapes.evidence import _stats, summarize
+from srum_trl.shapes.evidence import _stats, arm_learning_rate, arm_order, parse_arm, summarize, EvidenceConfig
 
 
 def test_shipped_checkpoint_layout_and_size():
@@ -64,3 +64,18 @@ def test_stats_and_summary_hand_computed():
     assert summary["srum"]["overall"]["mean"] == pytest.approx(0.7) and summary["srum"]["seeds"] == [0, 1]
     assert summary["srum"]["error_closed"] == pytest.approx(0.25)  # (0.7 - 0.6) / (1 - 0.6)
     assert summary["srum"]["vs_sft_in_se"] is None  # zero spread: no standard error to compare with
+
+
+def test_arm_specs_carry_their_learning_rate():
+    assert parse_arm("srum") == ("srum", None) and parse_arm("srum_centered@3e-4") == ("srum_centered", 3e-4)
+    cfg = EvidenceConfig(base="b", out="o", learning_rate=1e-4, grpo_learning_rate=5e-5)
+    assert [arm_learning_rate(a, cfg) for a in ("srum", "grpo", "grpo@1e-3", "sft@2e-4")] == [1e-4, 5e-5, 1e-3, 2e-4]
+    assert arm_order(["grpo", "srum_centered@3e-4", "srum_centered@1e-4", "sft"]) == [
+        "sft", "srum_centered@1e-4", "srum_centered@3e-4", "grpo"]
+    for bad, message in [("srum_x", "unknown arm"), ("srum@", None), ("srum@-1", "positive"), ("srum@abc", "positive"),
+                         ("srum@inf", "positive")]:
+        if message is None:
+            assert parse_arm(bad) == ("srum", None)
+        else:
+            with pytest.raises(ValueError, match=message):
+                parse_arm(bad)

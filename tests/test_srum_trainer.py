@@ -40,7 +40,8 @@ def test_config_defaults_follow_the_paper(tmp_path):
 
 @pytest.mark.parametrize(
     "kw, message",
-    [({"loss_guidance": "both"}, "loss_guidance"), ({"judge_mode": "x"}, "judge_mode"),
+    [({"loss_guidance": "both"}, "loss_guidance"), ({"reward_baseline": "mean"}, "reward_baseline"),
+     ({"judge_mode": "x"}, "judge_mode"),
      ({"text_dropout": 1.5}, "text_dropout"), ({"steps_per_generation": 0}, "steps_per_generation"),
      ({"constraint_weight": -1}, "constraint_weight"), ({"use_global_reward": False, "use_local_reward": False}, "nothing"),
      ({"text_dropout": 0.1}, "only applies to loss_guidance='conditional'")],
@@ -61,6 +62,28 @@ def test_weighted_loss_matches_hand_computation(tiny_janus, tmp_path):
     loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
     # ((0+.5)*1 + (1+.5)*2 + (.5+.5)*3 + (.5+.5)*4) / 4 = 10.5 / 4
     assert loss.item() == pytest.approx(2.625)
+
+
+@pytest.mark.parametrize("baseline", ["none", "batch"])
+def test_reward_baseline_centres_the_round(tiny_janus, tmp_path, baseline):
+    from srum_trl.rewards import RewardMap
+
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path, reward_baseline=baseline, constraint_weight=0.0),
+                          train_dataset=_dataset(), processing_class=processor)
+    rollout = Rollout(["a", "b"], [None, None], torch.zeros(2, 2, dtype=torch.long), (1, 2))
+    token_maps = [[[0.2, 0.6]], [[1.0, 0.2]]]  # round mean 0.5
+    maps = [RewardMap(None, [], None, torch.tensor(m).numpy()) for m in token_maps]
+    trainer.backend.generate = lambda prompts, config, seed=None: rollout
+    trainer._judge = lambda rollout, mode: (maps, [0.0, 0.0])
+    weights = trainer._make_round([{"prompt": "a"}, {"prompt": "b"}], "train")["weights"]
+    expected = [[-0.3, 0.1], [0.5, -0.3]] if baseline == "batch" else [[0.2, 0.6], [1.0, 0.2]]
+    assert weights.reshape(-1).tolist() == pytest.approx(sum(expected, []))
+    assert trainer._metrics["train"]["srum/token_weight"][-1] == pytest.approx(0.5)
+    # with lambda 0 the loss of equal per-token losses is then 0 with the baseline: no pull towards the samples
+    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout: torch.full((2, 2), 3.0)
+    loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
+    assert loss.item() == pytest.approx(0.0 if baseline == "batch" else 3.0 * 0.5)
 
 
 def test_full_finetune_changes_generation_weights(tiny_janus, tmp_path):

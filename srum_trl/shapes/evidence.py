@@ -10,11 +10,13 @@ Starting from the shipped base model, on training prompts only, each arm fine-tu
 | `srum_global` | SRUM, global score only (the paper's ablation) | R + 0.5 |
 | `srum_local` | SRUM, local scores only (the paper's ablation) | R + 0.5 |
 | `srum_signed` | SRUM with the signed map rule (bad regions push away) | R + 0.5 |
+| `srum_centered` | SRUM, global + local maps, minus the round's mean weight, lambda 0 (`reward_baseline="batch"`) | R - mean(R) |
 | `grpo` | GRPO (UniRL) on the judge's global score, groups of 8 images per prompt | scalar advantage |
 | `grpo_dense` | the same with per-token advantages modulated by the judge's reward map | dense advantage |
 | `oracle` | only the images the exact scorer accepts (an upper-bound control, never shipped) | 0.5 if correct else 0 |
 
-Held-out accuracy and the guidance margin are tracked during training (every `track_every` steps), so a collapse is
+An arm may carry its own learning rate as `ARM@LR` (e.g. `srum_centered@3e-4`); it is then reported under that
+label, so one run can compare learning rates. Held-out accuracy and the guidance margin are tracked during training (every `track_every` steps), so a collapse is
 seen when it starts; yes/no understanding is measured before and after. Run:
 
     python -m srum_trl.shapes.evidence --base srum_trl/shapes/assets/base --out runs/evidence --seeds 0 1 2
@@ -32,9 +34,38 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "grpo", "grpo_dense", "oracle", "grpo_oracle")
+ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "srum_centered", "grpo", "grpo_dense", "oracle",
+        "grpo_oracle")
 GRPO_ARMS = ("grpo", "grpo_dense", "grpo_oracle")
 CONTROL_ARMS = ("oracle", "grpo_oracle")  # rewarded by the exact scorer: upper-bound controls, never shipped
+
+
+def parse_arm(spec: str) -> tuple[str, float | None]:
+    """`"ARM"` or `"ARM@LR"` -> (arm, learning rate or None); a ValueError names what is wrong."""
+    name, _, lr = spec.partition("@")
+    if name not in ARMS:
+        raise ValueError(f"unknown arm {name!r} in {spec!r}; arms are {', '.join(ARMS)} (optionally ARM@LR).")
+    if not lr:
+        return name, None
+    try:
+        value = float(lr)
+    except ValueError:
+        value = math.nan
+    if not value > 0 or math.isinf(value):
+        raise ValueError(f"arm {spec!r}: the learning rate after '@' must be a positive number, e.g. {name}@3e-4.")
+    return name, value
+
+
+def arm_order(labels) -> list[str]:
+    """Arm labels in table order: ARMS order, then by label."""
+    return sorted(labels, key=lambda label: (ARMS.index(parse_arm(label)[0]), label))
+
+
+def arm_learning_rate(spec: str, cfg: "EvidenceConfig") -> float:
+    name, lr = parse_arm(spec)
+    if lr is not None:
+        return lr
+    return cfg.grpo_learning_rate if name in GRPO_ARMS else cfg.learning_rate
 
 
 @dataclass
@@ -170,6 +201,8 @@ def _arm_setup(arm: str, cfg: EvidenceConfig):
         return [make_shapes_judge(use_local=False), zero_weight], {"constraint_weight": 1.0}
     if arm == "oracle":
         return [make_shapes_judge(use_local=False), scorer_reward], {"constraint_weight": 0.0}
+    if arm == "srum_centered":
+        return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "batch"}
     settings = {"srum": {}, "srum_global": {"use_local": False}, "srum_local": {"use_global": False},
                 "srum_signed": {"map_rule": "signed"}}
     if arm not in settings:
@@ -177,8 +210,8 @@ def _arm_setup(arm: str, cfg: EvidenceConfig):
     return [make_shapes_judge(**settings[arm])], {"constraint_weight": cfg.constraint_weight}
 
 
-def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
-    """Train one arm with one seed and evaluate it; returns its row of results."""
+def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
+    """Train one arm (`ARM` or `ARM@LR`) with one seed and evaluate it; returns its row of results."""
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import TrainerCallback
@@ -187,6 +220,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     from ..trainers import SRUMConfig, SRUMTrainer
     from .world import sample_prompts, train_prompts
 
+    arm, learning_rate = parse_arm(spec)[0], arm_learning_rate(spec, cfg)
     torch.manual_seed(seed)
     device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
     backend = load_backend(cfg.base, dtype="float32", backend_kwargs={"decode_path": cfg.decode_path})
@@ -202,7 +236,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
                 history.append({"step": state.global_step, "heldout_accuracy": acc["overall"],
                                 "guidance_margin": acc["guidance_margin"], "extra_objects": acc["extra_objects"]})
 
-    out_dir = os.path.join(cfg.out, f"{arm}-seed{seed}")
+    out_dir = os.path.join(cfg.out, f"{spec.replace('@', '-lr')}-seed{seed}")
     common = dict(output_dir=out_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
                   warmup_steps=10, guidance_scale=guidance, seed=seed, logging_steps=10, save_strategy="no",
                   report_to="none", disable_tqdm=True, bf16=False)
@@ -211,12 +245,12 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
         from .questions import make_shapes_judge
 
         reward_funcs = [scorer_reward] if arm == "grpo_oracle" else [make_shapes_judge(use_local=arm == "grpo_dense")]
-        args = GRPOUMMConfig(learning_rate=cfg.grpo_learning_rate, num_generations=cfg.num_generations,
+        args = GRPOUMMConfig(learning_rate=learning_rate, num_generations=cfg.num_generations,
                              advantage_mode="dense" if arm == "grpo_dense" else "scalar", **common)
         trainer_cls = GRPOUMMTrainer
     else:
         reward_funcs, overrides = _arm_setup(arm, cfg)
-        args = SRUMConfig(learning_rate=cfg.learning_rate, **common, **overrides)
+        args = SRUMConfig(learning_rate=learning_rate, **common, **overrides)
         trainer_cls = SRUMTrainer
     trainer = trainer_cls(backend, reward_funcs=reward_funcs, args=args,
                           train_dataset=Dataset.from_dict({"prompt": train_prompts()}),
@@ -229,7 +263,7 @@ def run_arm(arm: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     final = generation_accuracy(trainer.backend, sample_prompts(cfg.eval_prompts, "heldout", seed=1),
                                 guidance, seed=2)
     row = {
-        "arm": arm, "seed": seed, "train_seconds": train_s, "heldout": final,
+        "arm": spec, "seed": seed, "learning_rate": learning_rate, "train_seconds": train_s, "heldout": final,
         "train_prompts": train_prompt_accuracy(trainer.backend, cfg, guidance),
         "understanding": understanding_accuracy(trainer.backend, understanding_items(cfg.understanding_prompts, 3)),
         "history": history,
@@ -308,9 +342,9 @@ def markdown(summary: dict, cfg: EvidenceConfig, guidance: float, command: str) 
         f"{_pct(base['heldout'].get('counting'))} | {_pct(base['understanding'])} | "
         f"{base['heldout']['guidance_margin']:.2f} | | | {_pct(base.get('train_prompts', {}).get('overall'))} |",
     ]
-    for arm in [a for a in ARMS if a in summary]:
+    for arm in arm_order(a for a in summary if a != "base"):
         e = summary[arm]
-        label = f"{arm} (control)" if arm in CONTROL_ARMS else arm
+        label = f"{arm} (control)" if parse_arm(arm)[0] in CONTROL_ARMS else arm
         lines.append(
             f"| {label} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | {_ms(e['spatial'])} | "
             f"{_ms(e['counting'])} | {_ms(e['understanding'])} | {e['guidance_margin_end']['mean']:.2f} | "
@@ -349,7 +383,8 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--base", required=True, help="base model folder")
     parser.add_argument("--out", required=True, help="output folder (results.json, evidence.md, adapters)")
     parser.add_argument("--seeds", type=int, nargs="+", default=defaults.seeds)
-    parser.add_argument("--arms", nargs="+", default=defaults.arms, choices=ARMS)
+    parser.add_argument("--arms", nargs="+", default=defaults.arms, metavar="ARM[@LR]",
+                        help=f"arms among {', '.join(ARMS)}; ARM@LR gives that arm its own learning rate")
     for name in ("steps", "batch_size", "lora_r", "eval_prompts", "train_eval_prompts", "track_prompts", "track_every",
                  "understanding_prompts", "parallel"):
         parser.add_argument(f"--{name}", type=int, default=getattr(defaults, name))
@@ -361,7 +396,13 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--device", default=None)
     parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
                         help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md)")
-    return EvidenceConfig(**vars(parser.parse_args(argv)))
+    args = parser.parse_args(argv)
+    for spec in args.arms:
+        try:
+            parse_arm(spec)
+        except ValueError as error:
+            parser.error(f"--arms: {error}")
+    return EvidenceConfig(**vars(args))
 
 
 def _keep(row: dict, cfg: EvidenceConfig) -> dict:

@@ -8,6 +8,7 @@ from trl.trainer.base_config import _BaseConfig
 
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
+_REWARD_BASELINES = ("none", "batch")
 
 
 @dataclass
@@ -42,6 +43,13 @@ class SRUMConfig(_BaseConfig):
         constraint_weight (`float`, *optional*, defaults to `0.5`):
             lambda, the unweighted term of the loss weight `R + lambda`: it keeps the model near its own outputs and
             guards against reward hacking.
+        reward_baseline (`str`, *optional*, defaults to `"none"`):
+            What is subtracted from the reward map before lambda is added. "none" (the paper's): the weight is
+            `R + lambda`, never negative, so every sampled token is pulled up. "batch": the mean token weight of the
+            whole generation round (over all processes) is subtracted, `R - mean(R) + lambda`, so tokens judged worse
+            than the round's average are pushed down. With on-the-fly rollouts and the guided loss the samples come
+            from the distribution being trained, where the expected gradient of any constant weight is zero: the
+            baseline (and `constraint_weight=0`) removes that noise and leaves a per-token policy gradient.
         loss_guidance (`str`, *optional*, defaults to `"guided"`):
             Which prediction the loss trains. "guided": the guided logits u + w (c - u) that sampled the tokens
             (safe with refreshed rollouts); "conditional": the conditional prediction alone (the paper's loss, for
@@ -109,6 +117,10 @@ class SRUMConfig(_BaseConfig):
     constraint_weight: float = field(
         default=0.5, metadata={"help": "lambda in the loss weight R + lambda (keeps the model near its outputs)."}
     )
+    reward_baseline: str = field(
+        default="none",
+        metadata={"help": "'none' (the paper's weight R + lambda) or 'batch' (R - mean of the round + lambda)."},
+    )
     loss_guidance: str = field(
         default="guided",
         metadata={"help": "'guided': train the guided logits that sampled; 'conditional': the paper's loss."},
@@ -137,6 +149,8 @@ class SRUMConfig(_BaseConfig):
         super().__post_init__()
         if self.loss_guidance not in _LOSS_GUIDANCE:
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
+        if self.reward_baseline not in _REWARD_BASELINES:
+            raise ValueError(f"reward_baseline must be one of {_REWARD_BASELINES}, got {self.reward_baseline!r}.")
         if self.judge_mode not in _JUDGE_MODES:
             raise ValueError(f"judge_mode must be one of {_JUDGE_MODES}, got {self.judge_mode!r}.")
         if self.text_dropout is None:

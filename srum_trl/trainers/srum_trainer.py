@@ -4,8 +4,9 @@ One step, linear:
   1. rollouts: the current policy generates an image for each prompt (or a stored rollout dataset is read);
   2. judging: the judge (by default the model's own understanding side) scores each image globally and per region
      and turns the scores into a reward map R on the token grid;
-  3. loss: `mean over image tokens of (R + lambda) * per-token generation loss`, the per-token loss coming from the
-     backend (cross-entropy of image tokens on the logits that sampled them, by default).
+  3. loss: `mean over image tokens of (R - b + lambda) * per-token generation loss`, the per-token loss coming from
+     the backend (cross-entropy of image tokens on the logits that sampled them, by default); b is 0 (the paper's)
+     or the round's mean weight (`reward_baseline="batch"`).
 """
 
 from __future__ import annotations
@@ -187,7 +188,10 @@ class SRUMTrainer(UMMTrainerBase):
         rewards = self._gather(rewards)
         metrics["reward"].append(nanmean(rewards))
         metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
-        metrics["srum/token_weight"].append(nanmean(self._gather(weights.float().mean(dim=1).tolist())))
+        round_mean = nanmean(self._gather(weights.float().mean(dim=1).tolist()))  # equal token counts per image
+        metrics["srum/token_weight"].append(round_mean)
+        if self.args.reward_baseline == "batch":
+            weights = weights.float() - round_mean
         return {"rollout": rollout, "weights": weights}
 
     def _prepare_inputs(self, batch):
