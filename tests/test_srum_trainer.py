@@ -86,6 +86,42 @@ def test_reward_baseline_centres_the_round(tiny_janus, tmp_path, baseline):
     assert loss.item() == pytest.approx(0.0 if baseline == "batch" else 3.0 * 0.5)
 
 
+def test_prompt_baseline_compares_images_of_one_prompt(tiny_janus, tmp_path):
+    from srum_trl.rewards import RewardMap
+    from srum_trl.trainers.srum_trainer import prompt_baselines
+
+    assert prompt_baselines(["x", "y", "x", "y", "z"], [0.2, 1.0, 0.4, float("nan"), 0.7]) == pytest.approx(
+        [0.3, 1.0, 0.3, 1.0, 0.7])
+    model, processor = tiny_janus
+    trainer = SRUMTrainer(model, args=_config(tmp_path, reward_baseline="prompt", num_generations=2,
+                                              per_device_train_batch_size=4, constraint_weight=0.0),
+                          train_dataset=Dataset.from_dict({"prompt": PROMPTS}), processing_class=processor)
+    batch = next(iter(trainer.get_train_dataloader()))  # each prompt twice, side by side
+    prompts = [row["prompt"] for row in batch]
+    assert len(prompts) == 4 and prompts[0] == prompts[1] and prompts[2] == prompts[3] and prompts[0] != prompts[2]
+    rollout = Rollout(prompts, [None] * 4, torch.zeros(4, 2, dtype=torch.long), (1, 2))
+    maps = [RewardMap(None, [], None, torch.tensor(m).numpy())
+            for m in ([[0.2, 0.6]], [[0.6, 0.6]], [[1.0, 0.2]], [[0.0, 0.0]])]  # group means 0.5 and 0.3
+    trainer.backend.generate = lambda prompts, config, seed=None: rollout
+    trainer._judge = lambda rollout, mode: (maps, [0.0] * 4)
+    weights = trainer._make_round(batch, "train")["weights"]
+    assert weights.reshape(-1).tolist() == pytest.approx([-0.3, 0.1, 0.1, 0.1, 0.7, -0.1, -0.3, -0.3])
+
+
+@pytest.mark.parametrize("kw, message", [({"num_generations": 3}, "divisible by num_generations"),
+                                         ({"num_generations": 0}, "num_generations must be")])
+def test_num_generations_checked(tmp_path, kw, message):
+    with pytest.raises(ValueError, match=message):
+        _config(tmp_path, **kw)
+
+
+def test_prompt_baseline_needs_several_images_per_prompt(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    with pytest.raises(ValueError, match="num_generations >= 2"):
+        SRUMTrainer(model, args=_config(tmp_path, reward_baseline="prompt"), train_dataset=_dataset(),
+                    processing_class=processor)
+
+
 def test_full_finetune_changes_generation_weights(tiny_janus, tmp_path):
     model, processor = tiny_janus
     before = {k: v.clone() for k, v in model.state_dict().items()}

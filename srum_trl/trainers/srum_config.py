@@ -8,7 +8,7 @@ from trl.trainer.base_config import _BaseConfig
 
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
-_REWARD_BASELINES = ("none", "batch")
+_REWARD_BASELINES = ("none", "batch", "prompt")
 
 
 @dataclass
@@ -47,9 +47,15 @@ class SRUMConfig(_BaseConfig):
             What is subtracted from the reward map before lambda is added. "none" (the paper's): the weight is
             `R + lambda`, never negative, so every sampled token is pulled up. "batch": the mean token weight of the
             whole generation round (over all processes) is subtracted, `R - mean(R) + lambda`, so tokens judged worse
-            than the round's average are pushed down. With on-the-fly rollouts and the guided loss the samples come
-            from the distribution being trained, where the expected gradient of any constant weight is zero: the
-            baseline (and `constraint_weight=0`) removes that noise and leaves a per-token policy gradient.
+            than the round's average are pushed down. "prompt": the mean token weight of the round's images of the
+            same prompt (set `num_generations` > 1 so that each prompt is sampled several times per round), so an
+            image is only compared with images of its own prompt. With on-the-fly rollouts and the guided loss the
+            samples come from the distribution being trained, where the expected gradient of any constant weight is
+            zero: a baseline (and `constraint_weight=0`) removes that noise and leaves a per-token policy gradient.
+        num_generations (`int`, *optional*, defaults to `1`):
+            Images sampled per prompt in a round (on-the-fly rollouts): each prompt is repeated this many times, next
+            to each other, in the round. The per-process round (`per_device_train_batch_size x
+            steps_per_generation`) must be divisible by it.
         loss_guidance (`str`, *optional*, defaults to `"guided"`):
             Which prediction the loss trains. "guided": the guided logits u + w (c - u) that sampled the tokens
             (safe with refreshed rollouts); "conditional": the conditional prediction alone (the paper's loss, for
@@ -119,7 +125,11 @@ class SRUMConfig(_BaseConfig):
     )
     reward_baseline: str = field(
         default="none",
-        metadata={"help": "'none' (the paper's weight R + lambda) or 'batch' (R - mean of the round + lambda)."},
+        metadata={"help": "'none' (the paper's weight R + lambda), 'batch' (R - mean of the round + lambda) or "
+                  "'prompt' (R - mean over the round's images of the same prompt + lambda)."},
+    )
+    num_generations: int = field(
+        default=1, metadata={"help": "Images per prompt in a round (for reward_baseline='prompt')."}
     )
     loss_guidance: str = field(
         default="guided",
@@ -151,6 +161,14 @@ class SRUMConfig(_BaseConfig):
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
         if self.reward_baseline not in _REWARD_BASELINES:
             raise ValueError(f"reward_baseline must be one of {_REWARD_BASELINES}, got {self.reward_baseline!r}.")
+        if self.num_generations < 1:
+            raise ValueError(f"num_generations must be >= 1, got {self.num_generations}.")
+        if (self.per_device_train_batch_size * self.steps_per_generation) % self.num_generations != 0:
+            raise ValueError(
+                f"per_device_train_batch_size x steps_per_generation ({self.per_device_train_batch_size} x "
+                f"{self.steps_per_generation}) must be divisible by num_generations ({self.num_generations}): a round "
+                "holds whole groups of images of one prompt."
+            )
         if self.judge_mode not in _JUDGE_MODES:
             raise ValueError(f"judge_mode must be one of {_JUDGE_MODES}, got {self.judge_mode!r}.")
         if self.text_dropout is None:

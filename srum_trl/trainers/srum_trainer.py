@@ -16,6 +16,7 @@ import os
 import time
 
 import torch
+from accelerate.utils import gather_object
 from torch.utils.data import Sampler
 from trl.trainer.utils import RepeatSampler
 
@@ -33,6 +34,15 @@ _CITATION = """\
     journal = {arXiv preprint arXiv:2510.12784},
     year    = {2025}
 }"""
+
+
+def prompt_baselines(prompts: list[str], image_means: list[float]) -> list[float]:
+    """Per image, the mean of `image_means` over the images of the same prompt (NaN values left out)."""
+    groups: dict[str, list[float]] = {}
+    for prompt, value in zip(prompts, image_means):
+        groups.setdefault(prompt, []).append(value)
+    means = {prompt: nanmean(values) for prompt, values in groups.items()}
+    return [means[prompt] for prompt in prompts]
 
 
 class SRUMTrainer(UMMTrainerBase):
@@ -106,10 +116,21 @@ class SRUMTrainer(UMMTrainerBase):
             optimizers=optimizers,
         )
         round_size = args.per_device_train_batch_size * args.steps_per_generation * self.accelerator.num_processes
-        if train_dataset is not None and len(train_dataset) < round_size:
+        if train_dataset is not None and len(train_dataset) < round_size // args.num_generations:
             raise ValueError(
-                f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts ({round_size} = "
-                "per_device_train_batch_size x steps_per_generation x processes): lower those or add prompts."
+                f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts needs "
+                f"({round_size} = per_device_train_batch_size x steps_per_generation x processes, over "
+                f"num_generations={args.num_generations}): lower those or add prompts."
+            )
+        if args.reward_baseline == "prompt" and args.num_generations == 1 and not self.offline:
+            raise ValueError(
+                "reward_baseline='prompt' compares the images of one prompt, but num_generations=1 samples one image "
+                "per prompt (every weight would be 0): set num_generations >= 2."
+            )
+        if eval_dataset is not None and args.per_device_eval_batch_size % args.num_generations != 0:
+            raise ValueError(
+                f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be divisible by num_generations "
+                f"({args.num_generations}): an eval batch holds whole groups."
             )
         self._init_state()
         self._last_round: tuple | None = None
@@ -127,15 +148,21 @@ class SRUMTrainer(UMMTrainerBase):
         )
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
-        # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes
+        # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes.
+        # Offline rollouts are rows already: they are never repeated.
+        repeats = 1 if self.offline else self.args.num_generations
+        round_size = self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes
         return RepeatSampler(
             data_source=dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=1,
-            batch_size=self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes,
+            mini_repeat_count=repeats,
+            batch_size=round_size // repeats,
             repeat_count=self.args.steps_per_generation,
             shuffle=True,
             seed=self.args.seed,
         )
+
+    def _get_eval_sampler(self, eval_dataset) -> Sampler:
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, seed=self.args.seed)
 
     # ------------------------------------------------------------------------------------------- rollouts
     def _judge(self, rollout, mode: str) -> tuple[list[RewardMap], list[float]]:
@@ -188,10 +215,18 @@ class SRUMTrainer(UMMTrainerBase):
         rewards = self._gather(rewards)
         metrics["reward"].append(nanmean(rewards))
         metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
-        round_mean = nanmean(self._gather(weights.float().mean(dim=1).tolist()))  # equal token counts per image
-        metrics["srum/token_weight"].append(round_mean)
+        image_means = self._gather(weights.float().mean(dim=1).tolist())  # equal token counts per image
+        metrics["srum/token_weight"].append(nanmean(image_means))
         if self.args.reward_baseline == "batch":
-            weights = weights.float() - round_mean
+            weights = weights.float() - nanmean(image_means)
+        elif self.args.reward_baseline == "prompt":
+            prompts = list(rollout.prompts)
+            if self.accelerator.num_processes > 1:
+                prompts = gather_object(prompts)
+            baselines = prompt_baselines(prompts, image_means)
+            start = self.accelerator.process_index * len(rollout)  # every process holds as many images
+            local = torch.tensor(baselines[start : start + len(rollout)], dtype=torch.float32)
+            weights = weights.float() - local[:, None]
         return {"rollout": rollout, "weights": weights}
 
     def _prepare_inputs(self, batch):
