@@ -47,7 +47,7 @@ def _recipe(config: dict, arm: str) -> str:
     name, lr = parse_arm(arm)
     grpo = name in GRPO_ARMS
     lr = lr or (config["grpo_learning_rate"] if grpo else config["learning_rate"])
-    groups = f", groups of {config['num_generations']}" if grpo or name == "srum_grouped" else ""
+    groups = f", groups of {config['num_generations']}" if grpo or name.startswith("srum_grouped") else ""
     return f"{config['steps']} x {config['batch_size']}, lr {lr:g}{groups}"
 
 

@@ -12,6 +12,7 @@ Starting from the shipped base model, on training prompts only, each arm fine-tu
 | `srum_signed` | SRUM with the signed map rule (bad regions push away) | R + 0.5 |
 | `srum_centered` | SRUM, global + local maps, minus the round's mean weight, lambda 0 (`reward_baseline="batch"`) | R - mean(R) |
 | `srum_grouped` | the same with groups of 8 images per prompt, minus the mean of the prompt's images (`"prompt"`) | R - mean_prompt(R) |
+| `srum_grouped_global` | `srum_grouped` with the global score only (a uniform map per image) | R - mean_prompt(R) |
 | `grpo` | GRPO (UniRL) on the judge's global score, groups of 8 images per prompt | scalar advantage |
 | `grpo_dense` | the same with per-token advantages modulated by the judge's reward map | dense advantage |
 | `oracle` | only the images the exact scorer accepts (an upper-bound control, never shipped) | 0.5 if correct else 0 |
@@ -35,8 +36,8 @@ from dataclasses import asdict, dataclass, field
 import numpy as np
 import torch
 
-ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "srum_centered", "srum_grouped", "grpo",
-        "grpo_dense", "oracle", "grpo_oracle")
+ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "srum_centered", "srum_grouped",
+        "srum_grouped_global", "grpo", "grpo_dense", "oracle", "grpo_oracle")
 GRPO_ARMS = ("grpo", "grpo_dense", "grpo_oracle")
 CONTROL_ARMS = ("oracle", "grpo_oracle")  # rewarded by the exact scorer: upper-bound controls, never shipped
 
@@ -204,8 +205,8 @@ def _arm_setup(arm: str, cfg: EvidenceConfig):
         return [make_shapes_judge(use_local=False), scorer_reward], {"constraint_weight": 0.0}
     if arm == "srum_centered":
         return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "batch"}
-    if arm == "srum_grouped":
-        return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "prompt",
+    if arm in ("srum_grouped", "srum_grouped_global"):
+        return [make_shapes_judge(use_local=arm == "srum_grouped")], {"constraint_weight": 0.0, "reward_baseline": "prompt",
                                        "num_generations": cfg.num_generations}
     settings = {"srum": {}, "srum_global": {"use_local": False}, "srum_local": {"use_global": False},
                 "srum_signed": {"map_rule": "signed"}}
