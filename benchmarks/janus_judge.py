@@ -20,11 +20,25 @@ What is timed (after one warm-up call each, `torch.cuda.synchronize` around ever
   rescale, normalise; tokenizer), the copy to the GPU, `JanusBackend.yes_probability` in chunks of
   `understanding_batch_size` (library default 32), the reward maps.
 * `ours (global + local)`: the same with the default grid proposer (2 x 2 cells, crops): 1 + 4 questions per image.
+* `ours: judge from device pixels, global` and `..., global + local`: the judge calls that the trainers make inside
+  the real pipeline, `judge.judge(images, prompts, grid, pixels=rollout.pixels)`, with the images also given as the
+  uint8 `[B, H, W, 3]` tensor on the GPU that Janus `generate` leaves in `Rollout.pixels` (made before timing): the
+  whole image and the crop boxes are views of that tensor, cropped, resized (Pillow's algorithm in torch) and
+  normalised on the GPU; no PIL image is converted or cropped.
 
 `img/s` = images judged per second; `q/s` = questions (forward rows) per second; `crops/s` = local questions per
 second. `LM TFLOP/s` (baseline) = language-model FLOPs of one batch (2 x non-embedding parameters x tokens +
 4 x layers x hidden x length^2 per row for attention, full square counted, + the last-position lm_head) over the
 time of the whole forward (the vision tower included, so it is a lower bound on the language model's own rate).
+
+Before its rows are timed, the device pixel path is checked on the benchmark's device: its float32 pixel values for
+the whole images and the 2 x 2 crops against the processor's on the PIL images and PIL crops (`info.device_pixels`:
+max |diff|, expected 0); its rows also give the largest score difference from the PIL rows
+(`max_abs_diff_vs_pil_path`).
+
+`host prep %` (the breakdown of one extra, instrumented call): the time spent in `_understanding_inputs` (input
+preparation: host work and its device kernels, the device synchronised before and after each chunk so that no
+forward is counted in it) over that call's total.
 
 A host profile (CPU only, real 384 px dimensions, also in `--smoke`) times, per image, each host-side stage of the
 judge: the processor call of `_understanding_inputs`, its image and text parts, a 192 px crop upsampled by the
@@ -184,22 +198,25 @@ def run_baseline(model, backend, images, questions, device, dtype, warmup, repea
     return dict(times_s=times, rows=len(images), length=inputs["input_ids"].shape[1]), p_yes.cpu()
 
 
-def run_ours(judge, images, prompts, grid, device, warmup, repeat) -> tuple[dict, list]:
-    """The judge as the trainer calls it (`SRUMTrainer._judge` -> `judge.judge(images, prompts, grid)`)."""
+def run_ours(judge, images, prompts, grid, device, warmup, repeat, pixels=None) -> tuple[dict, list]:
+    """The judge as the trainer calls it (`SRUMTrainer._judge` -> `judge.judge(images, prompts, grid)`, with
+    `pixels=rollout.pixels` for the device pixel path)."""
     questions_before = judge.stats["questions"]
-    times = time_calls(lambda: judge.judge(images, prompts, grid), device, warmup, repeat)
+    times = time_calls(lambda: judge.judge(images, prompts, grid, pixels=pixels), device, warmup, repeat)
     questions = (judge.stats["questions"] - questions_before) // (warmup + repeat)
-    maps = judge.judge(images, prompts, grid)
+    maps = judge.judge(images, prompts, grid, pixels=pixels)
     return dict(times_s=times, rows=questions), maps
 
 
-def ours_breakdown(judge, images, prompts, grid, device) -> dict:
-    """One instrumented call: host preprocessing (`_understanding_inputs`: processor + copy to the device) against
-    the rest (the forwards, the P(yes) read back, the reward maps). The wrapper lives on this backend object only."""
+def ours_breakdown(judge, images, prompts, grid, device, pixels=None) -> dict:
+    """One instrumented call: input preparation (`_understanding_inputs`: processor or fast path, copy to the
+    device; the device synchronised before and after it, so that only its own work is counted) against the rest
+    (the forwards, the P(yes) read back, the reward maps). The wrapper lives on this backend object only."""
     backend, spent = judge.backend, []
     original = backend._understanding_inputs
 
     def timed_inputs(*args, **kwargs):
+        sync(device)  # the previous chunk's forward is not preparation
         start = time.perf_counter()
         out = original(*args, **kwargs)
         sync(device)
@@ -208,11 +225,49 @@ def ours_breakdown(judge, images, prompts, grid, device) -> dict:
 
     backend._understanding_inputs = timed_inputs
     try:
-        (total,) = time_calls(lambda: judge.judge(images, prompts, grid), device, 0, 1)
+        (total,) = time_calls(lambda: judge.judge(images, prompts, grid, pixels=pixels), device, 0, 1)
     finally:
         del backend._understanding_inputs  # back to the class's method
     return dict(total_s=total, host_preprocessing_s=sum(spent), chunks=len(spent),
                 preprocessing_fraction=sum(spent) / total)
+
+
+def device_pixels(images, device):
+    """The images as `Rollout.pixels` holds them: uint8 `[B, H, W, 3]` on the device."""
+    import numpy as np
+    import torch
+
+    return torch.from_numpy(np.stack([np.asarray(im) for im in images])).to(device)
+
+
+def check_device_pixels(backend, images, pixels, grid_cells: int = 2) -> dict:
+    """On the benchmark's device: the pixel values that the device path makes from `pixels` (whole images and the
+    grid proposer's crops) against the processor's on the PIL images and crops (float32, max |diff|)."""
+    import torch
+
+    from srum_trl.models.base import PixelViews
+    from srum_trl.rewards import GridProposer
+
+    n = min(len(images), 4)
+    boxes = GridProposer(grid_cells)(images[0])
+    index = list(range(n)) + [i for i in range(n) for _ in boxes]
+    views = PixelViews(pixels, index, [None] * n + boxes * n)
+    fast, kinds = backend.input_builder.fast_pixels(views)
+    pil = [images[i] if b is None else images[i].crop(b) for i, b in zip(views.index, views.boxes)]
+    ref = backend.processor.image_processor(pil, return_tensors="pt")["pixel_values"]
+    diff = (fast.float().cpu() - ref).abs().amax(dim=(1, 2, 3))
+    return dict(rows=len(index), kinds=sorted(set(kinds)), max_abs_diff_whole=float(diff[:n].max()),
+                max_abs_diff_crops=float(diff[n:].max()), identical=bool(torch.equal(fast.float().cpu(), ref)))
+
+
+def max_score_diff(maps_a, maps_b) -> float:
+    """Largest |difference| between two judgements' global and region scores."""
+    diffs = [0.0]
+    for a, b in zip(maps_a, maps_b):
+        if a.global_score is not None:
+            diffs.append(abs(a.global_score - b.global_score))
+        diffs += [abs(r.score - q.score) for r, q in zip(a.regions, b.regions)]
+    return max(diffs)
 
 
 def host_profile(n: int) -> dict:
@@ -325,10 +380,28 @@ def main(argv=None):
                     [m.global_score for m in maps])).abs().max()))
     results.append(ours)
     release(device)
-    local, _ = run_ours(local_judge, images, prompts, grid, device, 1, local_repeat)
+    local, local_maps = run_ours(local_judge, images, prompts, grid, device, 1, local_repeat)
     local.update(path="ours: judge, global + local (2x2 crops)", peak_gib=peak_gib(device),
                  breakdown=ours_breakdown(local_judge, images, prompts, grid, device))
     results.append(local)
+
+    # the device pixel path: the images also as `Rollout.pixels` (uint8 on the device), as in generate -> judge
+    pixels = device_pixels(images, device)
+    info["device_pixels"] = check_device_pixels(backend, images, pixels)
+    release(device)
+    px, px_maps = run_ours(global_judge, images, prompts, grid, device, 1, repeat, pixels=pixels)
+    px.update(path="ours: judge from device pixels, global", peak_gib=peak_gib(device),
+              breakdown=ours_breakdown(global_judge, images, prompts, grid, device, pixels=pixels),
+              max_abs_diff_vs_baseline=float((torch.tensor([2 * p - 1 for p in p_yes.tolist()]) - torch.tensor(
+                  [m.global_score for m in px_maps])).abs().max()),
+              max_abs_diff_vs_pil_path=max_score_diff(px_maps, maps))
+    results.append(px)
+    release(device)
+    px_local, px_local_maps = run_ours(local_judge, images, prompts, grid, device, 1, local_repeat, pixels=pixels)
+    px_local.update(path="ours: judge from device pixels, global + local (2x2 crops)", peak_gib=peak_gib(device),
+                    breakdown=ours_breakdown(local_judge, images, prompts, grid, device, pixels=pixels),
+                    max_abs_diff_vs_pil_path=max_score_diff(px_local_maps, local_maps))
+    results.append(px_local)
 
     for row in results:
         row["batch"] = batch
@@ -341,11 +414,13 @@ def main(argv=None):
     base["total_tflops"] = base["total_flops"] / base["mean_s"] / 1e12
     base["lm_fraction_of_measured_peak"] = base["lm_tflops"] * 1e12 / peak
     info["kv_cache_built_by_judge_forward"] = judge_builds_kv_cache(backend)
-    model = backend = global_judge = local_judge = None
+    model = backend = global_judge = local_judge = pixels = None
     release(device)
     host = host_profile(args.host_images or (8 if args.smoke else 32))
     targets = dict(ours_at_least_baseline=ours["images_per_s"] >= base["images_per_s"],
-                   ours_at_least_220_img_per_s=ours["images_per_s"] >= 220.0)
+                   ours_at_least_220_img_per_s=ours["images_per_s"] >= 220.0,
+                   device_pixels_at_least_baseline=px["images_per_s"] >= base["images_per_s"],
+                   device_pixels_at_least_220_img_per_s=px["images_per_s"] >= 220.0)
 
     print()
     print(markdown(("path", "batch", "q/img", "mean ms", "img/s", "q/s", "crops/s", "vs baseline", "host prep %",
@@ -359,8 +434,16 @@ def main(argv=None):
           f"({100 * base['lm_fraction_of_measured_peak']:.0f}% of the measured matmul peak), whole forward "
           f"{base['total_tflops']:.1f} TFLOP/s; ours (global) vs baseline P(yes) max |diff| "
           f"{ours['max_abs_diff_vs_baseline']:.3g} (as 2p-1)")
+    check = info["device_pixels"]
+    print(f"device pixels: pixel values vs the processor on PIL images / crops, max |diff| "
+          f"{check['max_abs_diff_whole']:.3g} / {check['max_abs_diff_crops']:.3g} (identical: {check['identical']}); "
+          f"scores vs the PIL path max |diff| {px['max_abs_diff_vs_pil_path']:.3g} (global), "
+          f"{px_local['max_abs_diff_vs_pil_path']:.3g} (global + local); P(yes) vs baseline "
+          f"{px['max_abs_diff_vs_baseline']:.3g} (as 2p-1)")
     print(f"targets: ours >= baseline: {targets['ours_at_least_baseline']}; ours >= 220 img/s: "
-          f"{targets['ours_at_least_220_img_per_s']}; judge forward builds an unused K/V cache: "
+          f"{targets['ours_at_least_220_img_per_s']}; device pixels >= baseline: "
+          f"{targets['device_pixels_at_least_baseline']}; device pixels >= 220 img/s: "
+          f"{targets['device_pixels_at_least_220_img_per_s']}; judge forward builds an unused K/V cache: "
           f"{info['kv_cache_built_by_judge_forward']}")
     print(f"\nhost profile (CPU, {host['images']} images at 384 px, {info['cpu_threads']} torch threads):")
     print(markdown(("host stage", "ms / image"), [(k, f"{v:.2f}") for k, v in host["ms_per_image"].items()]))

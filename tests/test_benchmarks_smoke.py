@@ -28,10 +28,15 @@ def test_judge_benchmark_smoke(benchmark_module, tmp_path):
     saved = json.loads(out.read_text())
     assert saved["info"]["smoke"] and saved["info"]["command"]
     paths = [r["path"] for r in payload["results"]]
-    assert len(paths) == 3 and paths[0].startswith("baseline")
-    assert all(r["images_per_s"] > 0 for r in payload["results"])
+    assert len(paths) == 5 and paths[0].startswith("baseline") and "device pixels" in paths[3] + paths[4]
+    assert all(r["images_per_s"] > 0 and r["ratio_vs_baseline"] > 0 for r in payload["results"])
     assert payload["results"][1]["max_abs_diff_vs_baseline"] < 1e-4  # the judge computes the baseline's P(yes)
-    assert payload["results"][2]["rows"] == 5 * payload["results"][2]["batch"]  # global + 2 x 2 crops
+    assert payload["results"][3]["max_abs_diff_vs_baseline"] < 1e-4  # from device pixels too
+    for i in (2, 4):
+        assert payload["results"][i]["rows"] == 5 * payload["results"][i]["batch"]  # global + 2 x 2 crops
+    assert payload["results"][3]["max_abs_diff_vs_pil_path"] == 0.0 == payload["results"][4]["max_abs_diff_vs_pil_path"]
+    assert saved["info"]["device_pixels"]["identical"]  # pixel values equal the processor's on PIL images and crops
+    assert "device_pixels_at_least_baseline" in payload["targets"]
     assert payload["host_profile"]["host_bound_img_per_s_global"] > 0
 
 

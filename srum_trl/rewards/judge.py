@@ -10,6 +10,11 @@ Two modes:
 
 Regions come from a [`RegionProposer`]; each region is shown to the judge as a crop (`region_view="crop"`,
 default) or as the whole image with the box written in the question (`region_view="box"`, the paper's way).
+
+Device pixels: `judge(..., pixels=rollout.pixels)` gives the judge the same images as a uint8 tensor on the device
+(`Rollout.pixels`, filled by the Janus backend). With a backend that accepts pixel views (`JanusBackend`) every
+question is then asked on a view of that tensor (the whole image, or a crop box), cropped, resized and normalised on
+the device: no host work per image or crop, and the same scores as from the PIL images.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..models.base import PixelViews
 from .reward_map import RewardMap, Region
 from .regions import GridProposer, RegionProposer, build_proposer
 
@@ -158,7 +164,7 @@ class UMMJudgeRewardFunction:
         return [q.format(prompt=prompt, box=list(box))]
 
     # ---------------------------------------------------------------------------------------------- scoring
-    def _scores(self, images: list[Image.Image], questions: list[str]) -> list[float]:
+    def _scores(self, images: list[Image.Image] | PixelViews, questions: list[str]) -> list[float]:
         if not questions:
             return []
         if self.mode == "logits":
@@ -170,7 +176,8 @@ class UMMJudgeRewardFunction:
             if not todo:
                 break
             self.stats["retries"] += len(todo)
-            again = self.backend.answer([images[i] for i in todo], [questions[i] for i in todo],
+            views = images[todo] if isinstance(images, PixelViews) else [images[i] for i in todo]
+            again = self.backend.answer(views, [questions[i] for i in todo],
                                         max_new_tokens=self.max_new_tokens, temperature=0.7)
             for i, a in zip(todo, again):
                 scores[i] = parse_score(a)
@@ -184,10 +191,20 @@ class UMMJudgeRewardFunction:
         prompts: list[str],
         grid: tuple[int, int] | None = None,
         global_scores: list[float] | None = None,
+        pixels: torch.Tensor | None = None,
     ) -> list[RewardMap]:
         """Score each image against its prompt and build its reward map on `grid` (default: the backend's).
 
-        `global_scores`, when given, are used as the global scores instead of asking the global question.
+        Args:
+            images: the images (PIL); the region proposer and the reward maps always read them.
+            prompts: one prompt per image.
+            grid: `(h, w)` of the token-level maps (default: the backend's token grid).
+            global_scores: used as the global scores instead of asking the global question.
+            pixels: optionally the same images as a uint8 tensor `[B, H, W, 3]` (RGB, channels last, row `i` equal to
+                `np.asarray(images[i])`), on the judging model's device: `Rollout.pixels`. When the backend accepts
+                pixel views (`backend.accepts_pixel_views`, e.g. `JanusBackend`), the questions are asked on views
+                of it (whole image or crop box) prepared on the device instead of on PIL images and crops; the
+                scores are the same. Ignored by other backends.
         """
         if self.backend is None:
             raise ValueError("This UMMJudgeRewardFunction has no backend: pass one, or use it inside a trainer.")
@@ -196,21 +213,37 @@ class UMMJudgeRewardFunction:
         grid = grid or self.backend.token_grid
         if global_scores is not None and len(global_scores) != len(images):
             raise ValueError(f"judge got {len(global_scores)} global scores for {len(images)} images.")
-        q_images, questions, owners = [], [], []  # owner: (image index, region index or -1)
+        on_device = pixels is not None and getattr(self.backend, "accepts_pixel_views", False)
+        if on_device and (pixels.dim() != 4 or pixels.shape[0] != len(images)):
+            raise ValueError(f"judge got pixels of shape {tuple(pixels.shape)} for {len(images)} images "
+                             "(expected [B, H, W, 3]).")
+        # each question's view: (image index, crop box or None for the whole image)
+        rows, questions, owners = [], [], []  # owner: (image index, region index or -1)
         boxes_per_image = []
         for i, (image, prompt) in enumerate(zip(images, prompts)):
+            if on_device and image.size != (pixels.shape[2], pixels.shape[1]):
+                raise ValueError(f"judge: image {i} is {image.size[0]} x {image.size[1]} px but its pixels are "
+                                 f"{pixels.shape[2]} x {pixels.shape[1]}; pass the rollout's own pixels.")
             if self.use_global and global_scores is None:
-                q_images.append(image)
+                rows.append((i, None))
                 questions.append(self._global_question(prompt))
                 owners.append((i, -1))
             boxes = list(self.region_proposer(image, prompt)) if self.use_local else []
             boxes_per_image.append(boxes)
             for k, box in enumerate(boxes):
-                view = image.crop(tuple(box)) if self.region_view == "crop" else image
+                view = (i, tuple(box) if self.region_view == "crop" else None)
                 for question in self._local_questions(prompt, box):
-                    q_images.append(view)
+                    rows.append(view)
                     questions.append(question)
                     owners.append((i, k))
+        if on_device:
+            q_images = PixelViews(pixels, [i for i, _ in rows], [box for _, box in rows])
+        else:
+            crops = {}  # one PIL crop per (image, box), shared by that region's questions
+            for i, box in rows:
+                if box is not None and (i, box) not in crops:
+                    crops[(i, box)] = images[i].crop(box)
+            q_images = [images[i] if box is None else crops[(i, box)] for i, box in rows]
         model = self.backend.model
         frozen = self.backend.frozen() if (self.frozen and hasattr(self.backend, "frozen")) else contextlib.nullcontext()
         with torch.no_grad(), _eval_mode(model), frozen:

@@ -199,7 +199,7 @@ class GRPOUMMTrainer(UMMTrainerBase):
         columns, token_maps = [], None
         for f, name in zip(self.reward_funcs, self.reward_func_names):
             if isinstance(f, UMMJudgeRewardFunction):
-                maps = f.judge(images, prompts, rollout.grid)
+                maps = f.judge(images, prompts, rollout.grid, pixels=rollout.pixels)
                 values = [f.scalar(m) for m in maps]
                 if f is self.judge:
                     token_maps = torch.stack([

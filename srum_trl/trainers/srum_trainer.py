@@ -181,7 +181,7 @@ class SRUMTrainer(UMMTrainerBase):
             global_scores = [nanmean(list(col)) for col in zip(*per_func)]
             global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
         unparsed_before = self.judge.stats["unparsed"]
-        maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores)
+        maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores, pixels=rollout.pixels)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
         if global_scores is None:  # otherwise the scalar is the plain functions' score, logged above
             metrics[f"rewards/{func_name(self.judge)}/mean"].append(nanmean(self._gather(rewards)))

@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
-from ..base import GenerationConfig, Rollout, UMMBackend
+from ..base import GenerationConfig, PixelViews, Rollout, UMMBackend
 from .understanding import JanusInputBuilder, to_device
 
 
@@ -53,10 +53,17 @@ class JanusBackend(UMMBackend):
         fast_understanding_inputs: build the inputs of [`yes_probability`] and [`answer`] with the batched path of
             [`JanusInputBuilder`] (default True; it is checked against the processor on first use and falls back to
             it where it differs). False always uses the processor. Settable on the class or on one backend.
+        rollout_pixels: [`generate`] also returns the decoded images as `Rollout.pixels`, a uint8 `[B, H, W, 3]`
+            tensor on the model's device (default True; 0.44 MB per 384 px image), which the judge reads instead of
+            the PIL images (no host work per image). False leaves `Rollout.pixels` None.
+        accepts_pixel_views: [`yes_probability`] and [`answer`] take a [`PixelViews`] (rows as views, whole or
+            cropped, of images on the device) in place of a list of PIL images (True for this backend).
     """
 
     token_kind = "discrete"
     fast_understanding_inputs = True
+    rollout_pixels = True
+    accepts_pixel_views = True
 
     def __init__(
         self,
@@ -219,9 +226,11 @@ class JanusBackend(UMMBackend):
                                        progress)
         tokens, margins, logprobs = zip(*batches)
         tokens = torch.cat(tokens)
+        pixels = self.decode_pixels(tokens)
         return Rollout(
             prompts=list(prompts),
-            images=self.decode(tokens),
+            images=self.pixels_to_images(pixels),
+            pixels=pixels if self.rollout_pixels else None,
             tokens=tokens.cpu(),
             grid=self.token_grid,
             guidance=config.guidance,
@@ -311,12 +320,27 @@ class JanusBackend(UMMBackend):
 
     @torch.no_grad()
     def decode(self, tokens: torch.Tensor) -> list[Image.Image]:
-        images = []
-        for chunk in tokens.split(64):
+        return self.pixels_to_images(self.decode_pixels(tokens))
+
+    @torch.no_grad()
+    def decode_pixels(self, tokens: torch.Tensor) -> torch.Tensor:
+        """The VQ decode of image tokens `[B, h*w]` as uint8 RGB pixels `[B, H, W, 3]` on the model's device (what
+        [`decode`] turns into PIL images), decoded 64 images at a time."""
+        size = self.image_size
+        out = None
+        for start, chunk in zip(range(0, tokens.shape[0], 64), tokens.split(64)):
             pixels = self.core.decode_image_tokens(chunk.to(self.device)).float()
-            pixels = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).cpu().numpy()
-            images.extend(Image.fromarray(np.ascontiguousarray(p)) for p in pixels)
-        return images
+            if out is None:  # one uint8 buffer for all images, filled chunk by chunk
+                out = torch.empty((tokens.shape[0], *pixels.shape[1:]), dtype=torch.uint8, device=pixels.device)
+            out[start : start + chunk.shape[0]] = ((pixels.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+        if out is None:
+            out = torch.empty((0, size, size, 3), dtype=torch.uint8, device=self.device)
+        return out
+
+    @staticmethod
+    def pixels_to_images(pixels: torch.Tensor) -> list[Image.Image]:
+        """uint8 `[B, H, W, 3]` (any device) -> PIL RGB images, with one copy to the host."""
+        return [Image.fromarray(np.ascontiguousarray(p)) for p in pixels.cpu().numpy()]
 
     # ------------------------------------------------------------------------------------------ understanding
     @property
@@ -330,16 +354,26 @@ class JanusBackend(UMMBackend):
 
     def _understanding_inputs(self, images, questions):
         """`input_ids`, `attention_mask` and `pixel_values` on the device for one batch of (image, question) rows,
-        equal to the processor's output: [`JanusInputBuilder.build`] on the formatted questions."""
-        texts = [self.format_question(q) for q in questions]
+        equal to the processor's output: [`JanusInputBuilder.build`] on the formatted questions (each distinct
+        question formatted once). `images`: PIL images or a [`PixelViews`]."""
+        formatted = {q: self.format_question(q) for q in dict.fromkeys(questions)}
+        texts = [formatted[q] for q in questions]
         return self.input_builder.build(images, texts, fast=self.fast_understanding_inputs)
 
+    def _views_on_device(self, images):
+        """A [`PixelViews`] moved to the model's device once per call (not once per chunk); PIL lists unchanged."""
+        return images.to(self.device) if isinstance(images, PixelViews) else images
+
     @torch.no_grad()
-    def yes_probability(self, images: list[Image.Image], questions: list[str]) -> torch.Tensor:
+    def yes_probability(self, images: list[Image.Image] | PixelViews, questions: list[str]) -> torch.Tensor:
+        """P(yes) / (P(yes) + P(no)) of the next answer token per (image, question) row, `[N]` on the CPU.
+        `images`: PIL images, or a [`PixelViews`] of images already on the device (e.g. `Rollout.pixels` with crop
+        boxes): the same values, without host work per image."""
         if len(images) != len(questions):
             raise ValueError(f"yes_probability got {len(images)} images but {len(questions)} questions.")
         if not self._yes_ids or not self._no_ids:
             raise ValueError("The tokenizer has no single-token 'yes'/'no'; the logits judge cannot be used.")
+        images = self._views_on_device(images)
         out = []
         # on the device once: indexing with a Python list would copy it there (and wait) at every chunk
         yes_ids, no_ids = (to_device(torch.tensor(ids), self.device) for ids in (self._yes_ids, self._no_ids))
@@ -354,8 +388,10 @@ class JanusBackend(UMMBackend):
 
     @torch.no_grad()
     def answer(self, images, questions, max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
+        """Free-text answers per (image, question) row; `images` as in [`yes_probability`]."""
         if len(images) != len(questions):
             raise ValueError(f"answer got {len(images)} images but {len(questions)} questions.")
+        images = self._views_on_device(images)
         tokenizer = self.processor.tokenizer
         answers = []
         for start in range(0, len(images), self.understanding_batch_size):

@@ -3,6 +3,8 @@
 What: `input_ids`, `attention_mask` and `pixel_values` for a batch of (image, question) rows, equal to what the
 `JanusProcessor` returns, but made with batched tensor work: each distinct question is tokenized once, and images are
 stacked as uint8, resized when needed (with Pillow's own fixed-point algorithm) and normalised on the model's device.
+Images that are already on the device (a `PixelViews` of `Rollout.pixels`: whole images and crop boxes) are cropped,
+resized, padded and normalised there without any host work per image.
 
 Why: preparing these inputs on the host (per-image numpy work, tokenizing hundreds of image placeholders per row) was
 the judge's bottleneck, not the model's forward.
@@ -10,7 +12,10 @@ the judge's bottleneck, not the model's forward.
 Exactness: on first use each part (text, images already at size, resized images) is compared with the processor's
 output on a few rows of the call; a part that differs is switched off with a warning and the processor is used
 instead. Anything this module cannot reproduce (another image processor, another resample filter) goes through the
-processor.
+processor. On the CPU the fast pixel values equal the processor's bit for bit (tested). On CUDA the resize is integer
+arithmetic (exact) and the normalisation is the same IEEE float32 operations (the rescale divides by a device tensor:
+PyTorch's CUDA division by a Python scalar multiplies by its reciprocal instead, one float32 ulp off on ~40% of byte
+values), so the pixel values should be identical there too; the first-use check allows 1e-6.
 """
 
 from __future__ import annotations
@@ -20,6 +25,8 @@ import math
 import numpy as np
 import torch
 from PIL import Image
+
+from ..base import PixelViews
 
 
 def to_device(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
@@ -43,6 +50,8 @@ class JanusInputBuilder:
       with a formula checked bit for bit against the processor's rescale / normalise on all 256 byte values;
     * other sizes ("resize"): resized like the processor (on the device with Pillow's algorithm written in torch, or
       on the host with Pillow itself when the model is on the CPU) and padded to a square with its background colour;
+    * rows given as a [`PixelViews`] (images already on the device, whole or cropped): gathered from the device
+      tensor (one indexing kernel per view size), then made like "plain" or "resize" rows;
     * anything else ("processor"): the image processor itself, per image.
 
     Args:
@@ -53,7 +62,8 @@ class JanusInputBuilder:
         state: which parts ("text", "plain", "resize") passed the first-use comparison with the processor (None: not
             compared yet, False: switched off), and the cached image plan under "plan".
         resize_on_device: resize with the torch version of Pillow's algorithm on the device (True) or with Pillow on
-            the host (False); None (default) means on the device unless the model is on the CPU.
+            the host (False); None (default) means on the device unless the model is on the CPU (there Pillow is
+            several times faster than the torch version). The same holds for rows given as a [`PixelViews`].
     """
 
     resize_on_device: bool | None = None
@@ -85,8 +95,10 @@ class JanusInputBuilder:
         """`input_ids`, `attention_mask` and `pixel_values` on the device for one batch of (image, formatted text)
         rows, equal to the processor's output (ids and mask exactly, pixel values bit for bit where the fast path
         reproduces them, checked to 1e-6 on first use). Pixel values are in the vision tower's dtype on the fast
-        path and float32 from the processor. `fast=False` always uses the processor."""
-        images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
+        path and float32 from the processor. `fast=False` always uses the processor. `images`: PIL images, or a
+        [`PixelViews`] (the processor then sees `images.to_pil()`)."""
+        if not isinstance(images, PixelViews):
+            images = [im if im.mode == "RGB" else im.convert("RGB") for im in images]
         if fast and len(texts):
             enc = self._fast_inputs(images, texts)
             if enc is not None:
@@ -95,6 +107,8 @@ class JanusInputBuilder:
 
     def processor_inputs(self, images, texts) -> dict:
         """The reference: the processor on the formatted texts and RGB images (pixel values in float32)."""
+        if isinstance(images, PixelViews):
+            images = images.to_pil()
         enc = self.processor(text=texts, images=images, return_tensors="pt", padding=True)
         return {k: v.to(self.device) for k, v in enc.items()}
 
@@ -126,7 +140,8 @@ class JanusInputBuilder:
         lengths = enc["attention_mask"].sum(-1).tolist()
         rows |= {next((i for i, n in enumerate(lengths) if n != lengths[0]), 0)}
         rows = sorted(rows)
-        ref = self.processor_inputs([images[r] for r in rows], [texts[r] for r in rows])
+        picked = images[rows] if isinstance(images, PixelViews) else [images[r] for r in rows]
+        ref = self.processor_inputs(picked, [texts[r] for r in rows])
         ids, mask = self.fast_text([texts[r] for r in rows])
         state["text"] = (set(ref) == set(enc) and torch.equal(ref["input_ids"].cpu(), ids)
                          and torch.equal(ref["attention_mask"].cpu(), mask))
@@ -208,7 +223,9 @@ class JanusInputBuilder:
     def fast_pixels(self, images):
         """float32 pixel values `[B, 3, S, S]` on the device, and per image how they were made:
         "plain" (already S x S: stacked, normalised on the device), "resize" (resized and padded like the
-        processor) or "processor" (the image processor itself)."""
+        processor) or "processor" (the image processor itself). `images`: PIL images or a [`PixelViews`]."""
+        if isinstance(images, PixelViews):
+            return self.view_pixels(images)
         plan = self.image_plan()
         device = self.device
         state = self.state
@@ -253,6 +270,57 @@ class JanusInputBuilder:
             for j, i in enumerate(idx):
                 view[j] = np.asarray(images[i])
             parts.append((idx, _resize_pad_torch(self._to_device(buf).permute(0, 3, 1, 2), plan)))
+        rest = [i for i, k in enumerate(kinds) if k == "processor"]
+        return self._assemble(parts, n, plan, rest, lambda: [images[i] for i in rest]), kinds
+
+    def view_pixels(self, views: PixelViews):
+        """[`fast_pixels`] for rows given as views of images on the device: the views of each size are gathered
+        from `views.pixels` in one indexing kernel, then normalised ("plain", already S x S) or resized, padded and
+        normalised ("resize") on the device; rows the fast path cannot reproduce go to the processor through
+        `views.to_pil()`. No per-row host work besides the box arithmetic."""
+        plan = self.image_plan()
+        device, n = self.device, len(views)
+        if plan is None:
+            pixels = self.processor.image_processor(views.to_pil(), return_tensors="pt")["pixel_values"]
+            return pixels.to(device), ["processor"] * n
+        state, size = self.state, plan["size"]
+        on_device = self.resize_on_device  # as for PIL images: Pillow on the host when the model is on the CPU
+        on_device = device.type != "cpu" if on_device is None else on_device
+        on_device = on_device and plan["resample"] in _PIL_FILTERS and pil_pass_order() is not None
+        kinds, groups = [], {}
+        for r, (h, w) in enumerate(views.sizes()):
+            if (h, w) == (size, size):
+                kind = "plain" if state["plain"] is not False else "processor"
+            elif h < 1 or w < 1:  # an empty box: the processor fails as it would on the PIL crop
+                kind = "processor"
+            else:
+                new_h, new_w = _resized_size(plan, h, w)
+                ok = (state["resize"] is not False and plan["do_resize"] and plan["pil_resize"]
+                      and max(new_h, new_w) == size
+                      and (new_h == new_w or (plan["do_pad"] and plan["background"] is not None)))
+                kind = "resize" if ok else "processor"
+            kinds.append(kind)
+            if kind != "processor":
+                groups.setdefault((h, w), []).append(r)
+        src = views.pixels.to(device)
+        parts = []
+        for (h, w), rows in groups.items():
+            if (h, w) != (size, size) and not on_device:  # Pillow itself on the host, as the processor, then pad
+                new_h, new_w = _resized_size(plan, h, w)
+                host = np.stack([_pad_square_np(np.asarray(im.resize((new_w, new_h), plan["resample"])), plan)
+                                 for im in views[rows].to_pil()])
+                parts.append((rows, self._to_device(torch.from_numpy(host)).permute(0, 3, 1, 2)))
+                continue
+            u8 = gather_views(src, [views.index[r] for r in rows], [views.boxes[r] for r in rows], h, w)
+            u8 = u8.permute(0, 3, 1, 2)
+            parts.append((rows, u8 if (h, w) == (size, size) else _resize_pad_torch(u8, plan)))
+        rest = [i for i, k in enumerate(kinds) if k == "processor"]
+        return self._assemble(parts, n, plan, rest, lambda: views[rest].to_pil()), kinds
+
+    def _assemble(self, parts, n, plan, rest, rest_images):
+        """float32 `[n, 3, S, S]` on the device: the uint8 `parts` (row indices, `[k, 3, S, S]`) normalised with the
+        plan's formula, and the image processor's output for the rows `rest` (their images: `rest_images()`)."""
+        device, size = self.device, plan["size"]
         if len(parts) == 1 and len(parts[0][0]) == n and parts[0][0] == list(range(n)):
             u8 = parts[0][1]
         else:
@@ -260,11 +328,36 @@ class JanusInputBuilder:
             for idx, part in parts:
                 u8.index_copy_(0, self._to_device(torch.tensor(idx, dtype=torch.long)), part)
         pixels = _normalize_u8(u8, *plan["norm"])
-        rest = [i for i, k in enumerate(kinds) if k == "processor"]
         if rest:
-            ref = self.processor.image_processor([images[i] for i in rest], return_tensors="pt")["pixel_values"]
+            ref = self.processor.image_processor(rest_images(), return_tensors="pt")["pixel_values"]
             pixels.index_copy_(0, self._to_device(torch.tensor(rest, dtype=torch.long)), ref.to(device).float())
-        return pixels, kinds
+        return pixels
+
+
+def gather_views(src: torch.Tensor, index: list[int], boxes: list, height: int, width: int) -> torch.Tensor:
+    """uint8 `[k, height, width, 3]` on `src`'s device: for each row, image `index[r]` of `src` (`[N, H, W, 3]`),
+    whole (box None; then `(height, width)` is `(H, W)`) or cropped to its `(x0, y0, x1, y1)` box of that size, with
+    zeros outside the image (as `Image.crop`). Whole images in order are `src` itself; otherwise one indexing kernel
+    (its indices built on the host and copied once, without a host sync)."""
+    n, full_h, full_w, _ = src.shape
+    if all(b is None for b in boxes):
+        if index == list(range(n)):
+            return src
+        return src.index_select(0, to_device(torch.tensor(index, dtype=torch.long), src.device))
+    x0 = np.array([0 if b is None else b[0] for b in boxes], dtype=np.int64)
+    y0 = np.array([0 if b is None else b[1] for b in boxes], dtype=np.int64)
+    ys = y0[:, None] + np.arange(height)  # [k, height]
+    xs = x0[:, None] + np.arange(width)  # [k, width]
+    y_in, x_in = (ys >= 0) & (ys < full_h), (xs >= 0) & (xs < full_w)
+    k = len(index)
+    idx = to_device(torch.from_numpy(np.concatenate([np.asarray(index, dtype=np.int64), ys.clip(0, full_h - 1).ravel(),
+                                                     xs.clip(0, full_w - 1).ravel()])), src.device)
+    rows, ys_t, xs_t = idx[:k], idx[k : k + k * height].view(k, height), idx[k + k * height :].view(k, width)
+    out = src[rows[:, None, None], ys_t[:, :, None], xs_t[:, None, :]]
+    if not (y_in.all() and x_in.all()):
+        mask = torch.from_numpy((y_in[:, :, None] & x_in[:, None, :])[..., None].astype(np.uint8))
+        out = out * to_device(mask, src.device)
+    return out
 
 
 # ------------------------------------------------------------------------------------------ image processor plan
@@ -326,6 +419,24 @@ def _make_image_plan(ip):
     )
 
 
+_ON_DEVICE: dict = {}  # (id of a long-lived host tensor, device) -> (that tensor, its copy on the device)
+
+
+def _cached_on(tensor: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """The copy on `device` of a long-lived host tensor (resampling taps, mean / std), made once per device. A
+    blocking host-to-device copy at every call (`.to(device)` synchronises the stream) would make the host wait for
+    the GPU, so that the input preparation of a chunk could not overlap the forward of the one before."""
+    if device.type == "cpu":
+        return tensor
+    key = (id(tensor), str(device))
+    hit = _ON_DEVICE.get(key)
+    if hit is None or hit[0] is not tensor:  # the entry keeps its tensor alive: its id cannot be reused meanwhile
+        if len(_ON_DEVICE) > 4096:
+            _ON_DEVICE.clear()
+        hit = _ON_DEVICE[key] = (tensor, to_device(tensor, device))
+    return hit[1]
+
+
 def _normalize_u8(u8: torch.Tensor, scale, mean, std) -> torch.Tensor:
     """uint8 `[B, 3, H, W]` (any strides) -> contiguous float32, with the plan's formula."""
     mode, value = scale
@@ -334,12 +445,16 @@ def _normalize_u8(u8: torch.Tensor, scale, mean, std) -> torch.Tensor:
     else:
         x = torch.empty(u8.shape, dtype=torch.float32, device=u8.device)
         x.copy_(u8)
-        if mode == "div":
+        if mode == "div" and x.device.type != "cpu":
+            # by a device tensor, not a Python scalar: CUDA divides by a host scalar as a multiply by its reciprocal
+            # (one ulp off on some byte values); a tensor divisor is IEEE division, as on the CPU
+            x.div_(torch.full((), value, dtype=torch.float32, device=x.device))
+        elif mode == "div":
             x.div_(value)
         elif mode == "mul":
             x.mul_(value)
     if mean is not None:
-        x.sub_(mean.to(x.device).view(1, -1, 1, 1)).div_(std.to(x.device).view(1, -1, 1, 1))
+        x.sub_(_cached_on(mean, x.device).view(1, -1, 1, 1)).div_(_cached_on(std, x.device).view(1, -1, 1, 1))
     return x
 
 
@@ -487,7 +602,7 @@ def _pil_resample_axis(x: torch.Tensor, in_size: int, out_size: int, resample: i
     """One pass of Pillow's 8-bit resampling along `dim` of int32 `x`: sum of taps in int32 plus half, shifted
     right by 22, clipped to 0..255."""
     index, weight = _pil_coefficients(in_size, out_size, resample)
-    index, weight = index.to(x.device), weight.to(x.device)
+    index, weight = _cached_on(index, x.device), _cached_on(weight, x.device)
     shape = [1] * x.dim()
     shape[dim] = out_size
     acc = torch.full((), 1 << 21, dtype=torch.int32, device=x.device)
