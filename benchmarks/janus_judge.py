@@ -337,6 +337,8 @@ def main(argv=None):
     parser.add_argument("--judge-chunk", type=int, default=None,
                         help="JanusBackend.understanding_batch_size (default: the library's, 32)")
     parser.add_argument("--host-images", type=int, default=None, help="images of the host profile (default 32)")
+    parser.add_argument("--compile", action="store_true",
+                        help="also time the device-pixel judge with `JanusBackend.compile_understanding` (torch.compile)")
     parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -402,6 +404,17 @@ def main(argv=None):
                     breakdown=ours_breakdown(local_judge, images, prompts, grid, device, pixels=pixels),
                     max_abs_diff_vs_pil_path=max_score_diff(px_local_maps, local_maps))
     results.append(px_local)
+    if args.compile:
+        release(device)
+        backend.compile_understanding = {"backend": "eager"} if args.smoke else True
+        t0 = time.perf_counter()
+        run_ours(global_judge, images, prompts, grid, device, 0, 1, pixels=pixels)  # compiles
+        compile_s = time.perf_counter() - t0
+        pxc, pxc_maps = run_ours(global_judge, images, prompts, grid, device, 1, repeat, pixels=pixels)
+        pxc.update(path="ours: judge from device pixels + torch.compile, global", peak_gib=peak_gib(device),
+                   first_call_s=compile_s, max_abs_diff_vs_pil_path=max_score_diff(pxc_maps, maps))
+        results.append(pxc)
+        backend.compile_understanding = False
 
     for row in results:
         row["batch"] = batch

@@ -56,6 +56,11 @@ class JanusBackend(UMMBackend):
         rollout_pixels: [`generate`] also returns the decoded images as `Rollout.pixels`, a uint8 `[B, H, W, 3]`
             tensor on the model's device (default True; 0.44 MB per 384 px image), which the judge reads instead of
             the PIL images (no host work per image). False leaves `Rollout.pixels` None.
+        compile_understanding: run the forward of [`yes_probability`] through `torch.compile` (False by default):
+            True for `torch.compile(model, dynamic=True)`, or a dict of `torch.compile` keyword arguments. The
+            first calls pay the compilation (tens of seconds on a GPU); a new chunk shape or a switch of LoRA
+            adapters on/off may compile again. Only the judge's calls are compiled; generation and training run the
+            model as it is. Settable on the class or on one backend.
         accepts_pixel_views: [`yes_probability`] and [`answer`] take a [`PixelViews`] (rows as views, whole or
             cropped, of images on the device) in place of a list of PIL images (True for this backend).
     """
@@ -64,6 +69,7 @@ class JanusBackend(UMMBackend):
     fast_understanding_inputs = True
     rollout_pixels = True
     accepts_pixel_views = True
+    compile_understanding: bool | dict = False
 
     def __init__(
         self,
@@ -374,17 +380,30 @@ class JanusBackend(UMMBackend):
         if not self._yes_ids or not self._no_ids:
             raise ValueError("The tokenizer has no single-token 'yes'/'no'; the logits judge cannot be used.")
         images = self._views_on_device(images)
+        forward = self._understanding_forward()
         out = []
         # on the device once: indexing with a Python list would copy it there (and wait) at every chunk
         yes_ids, no_ids = (to_device(torch.tensor(ids), self.device) for ids in (self._yes_ids, self._no_ids))
         for start in range(0, len(images), self.understanding_batch_size):
             sl = slice(start, start + self.understanding_batch_size)
             enc = self._understanding_inputs(images[sl], questions[sl])
-            logits = self.core(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
+            logits = forward(**enc, logits_to_keep=1, use_cache=False).logits[:, -1].float()
             yes = torch.logsumexp(logits.index_select(-1, yes_ids), dim=-1)
             no = torch.logsumexp(logits.index_select(-1, no_ids), dim=-1)
             out.append(torch.sigmoid(yes - no))  # stays on the device: one copy to the host at the end
         return torch.cat(out).cpu() if out else torch.zeros(0)
+
+    def _understanding_forward(self):
+        """The model's forward for [`yes_probability`]: the model itself, or its `torch.compile` wrapper (kept per
+        model object) when `compile_understanding` is set."""
+        if not self.compile_understanding:
+            return self.core
+        kwargs = self.compile_understanding if isinstance(self.compile_understanding, dict) else {"dynamic": True}
+        key = (id(self.core), tuple(sorted((k, repr(v)) for k, v in kwargs.items())))
+        cached = self.__dict__.get("_compiled_forward")
+        if cached is None or cached[0] != key:
+            cached = self.__dict__["_compiled_forward"] = (key, torch.compile(self.core, **kwargs))
+        return cached[1]
 
     @torch.no_grad()
     def answer(self, images, questions, max_new_tokens: int = 128, temperature: float = 0.0) -> list[str]:
