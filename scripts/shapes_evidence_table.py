@@ -2,8 +2,10 @@
 
 Each run's rows (arm x seed) are pooled and summarised together (mean, std and standard error over seeds, the
 differences to the base model and to self-SFT in standard errors), so arms trained by separate commands on the same
-base model, guidance and evaluation prompts appear side by side. An arm present in several files is taken from the
-first file that has it (a rerun of the same command gives the same numbers).
+base model, guidance and evaluation prompts appear side by side. Rows of the same arm and recipe (steps, images per
+step, learning rate) are pooled over files, so seeds run by separate commands count together; a seed present twice is
+taken from the first file (a rerun of the same command gives the same numbers). The same arm run with another
+learning rate is shown as its own row, labelled `ARM@LR`.
 
     python scripts/shapes_evidence_table.py docs/results/shapes_evidence_b128_srum.json \
         docs/results/shapes_evidence_b128_srum_ablations.json docs/results/shapes_evidence_b128_grpo.json
@@ -18,7 +20,7 @@ from srum_trl.shapes.evidence import CONTROL_ARMS, GRPO_ARMS, _ms, _num, _pct, a
 
 def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
     """(summary, rows, commands) of the pooled runs; fails if the files disagree on the base model's evaluation."""
-    rows, commands, base, owner, n_eval = [], [], None, {}, None
+    rows, commands, base, seen, labels, n_eval = [], [], None, set(), {}, None
     for path in paths:
         with open(path) as f:
             result = json.load(f)
@@ -29,8 +31,11 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
         commands.append(result["command"])
         n_eval = result["config"]["eval_prompts"]
         for row in result["runs"]:
-            if owner.setdefault(row["arm"], path) == path:
-                rows.append({**row, "recipe": _recipe(result["config"], row["arm"])})
+            recipe = _recipe(result["config"], row["arm"])
+            label = labels.setdefault((row["arm"], recipe), _label(row["arm"], recipe, labels))
+            if (label, row["seed"]) not in seen and "error" not in row:
+                seen.add((label, row["seed"]))
+                rows.append({**row, "arm": label, "recipe": recipe})
     summary = summarize(rows, base)
     # The base model is evaluated once: its own sampling error (binomial, n evaluation prompts) added to the arm's
     # standard error over seeds gives a conservative distance to the base.
@@ -41,6 +46,17 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
             se = math.sqrt((entry["overall"]["se"] or 0.0) ** 2 + base_se**2)
             entry["vs_base_conservative"] = (entry["overall"]["mean"] - p) / se
     return summary, rows, commands
+
+
+def _label(arm: str, recipe: str, labels: dict) -> str:
+    """The arm's row label: the arm itself, or `ARM@LR` when the arm already has a row with another recipe."""
+    if arm not in labels.values():
+        return arm
+    name, lr = parse_arm(arm)
+    if lr is not None:
+        return f"{arm} ({recipe})"
+    value = float(recipe.split(", lr ")[1].split(",")[0])
+    return f"{name}@{value:g}" if value >= 1e-3 else f"{name}@{value:.0e}".replace("e-0", "e-")
 
 
 def _recipe(config: dict, arm: str) -> str:

@@ -22,8 +22,9 @@ def base_model_path() -> str:
 
 
 def srum_lora_path() -> str:
-    """Folder of the LoRA adapter of the best SRUM-loss recipe (`srum_signed`): no gain over the base, a working
-    example of the SRUM pipeline (see docs/shapes.md)."""
+    """Folder of the LoRA adapter trained by `SRUMTrainer` with the judge's global score centred per prompt (the
+    evidence table's `srum_grouped_global@3e-4` arm, seed 0): 85.1% held-out generation accuracy against the base
+    model's 77.3% (see docs/shapes.md)."""
     return _path("srum-lora")
 
 
