@@ -183,6 +183,38 @@ def step_timer(start_step: int, stop_step: int, device, per_step: bool = False):
     return StepTimer()
 
 
+def step_profiler(start_step: int, steps: int, top: int = 25):
+    """A TrainerCallback that runs `torch.profiler` over the `steps` steps after `start_step` (after the timed
+    window, so the timing is not disturbed) and keeps the top operators by self device time, per step."""
+    import torch
+    from transformers import TrainerCallback
+
+    class StepProfiler(TrainerCallback):
+        def __init__(self):
+            self.table, self._prof = None, None
+
+        def on_step_end(self, args, state, control, **kwargs):
+            if state.global_step == start_step and steps > 0:
+                activities = [torch.profiler.ProfilerActivity.CPU]
+                if torch.cuda.is_available():
+                    activities.append(torch.profiler.ProfilerActivity.CUDA)
+                self._prof = torch.profiler.profile(activities=activities)
+                self._prof.__enter__()
+            elif self._prof is not None and state.global_step == start_step + steps:
+                jj.sync(torch.device("cuda") if torch.cuda.is_available() else torch.device("cpu"))
+                self._prof.__exit__(None, None, None)
+                events = self._prof.key_averages()
+                key = "self_device_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                rows = sorted(events, key=lambda e: getattr(e, key, 0.0), reverse=True)
+                total = sum(getattr(e, key, 0.0) for e in events)
+                self.table = dict(device_ms_per_step=total / 1e3 / steps, by=key, ops=[
+                    dict(name=e.key, ms_per_step=getattr(e, key, 0.0) / 1e3 / steps, calls_per_step=e.count / steps,
+                         share=getattr(e, key, 0.0) / total if total else 0.0) for e in rows[:top]])
+                self._prof = None
+
+    return StepProfiler()
+
+
 def srum_args(out_dir, batch, max_steps, cuda, **kwargs):
     from srum_trl import SRUMConfig
 
@@ -200,7 +232,7 @@ def quiet(trainer):
     return trainer
 
 
-def run_trainer(variant, size, device, dtype, batch, warmup, steps, words, loss_guidance, lora) -> dict:
+def run_trainer(variant, size, device, dtype, batch, warmup, steps, words, loss_guidance, lora, profile=0) -> dict:
     from peft import LoraConfig
 
     from srum_trl import SRUMTrainer
@@ -209,11 +241,13 @@ def run_trainer(variant, size, device, dtype, batch, warmup, steps, words, loss_
     model.requires_grad_(True)  # full fine-tuning, as from_pretrained hands it over (LoRA freezes the base)
     dataset = offline_rollouts(backend, 4 * batch, words)
     timer = step_timer(warmup, warmup + steps, device)
+    profiler = step_profiler(warmup + steps, profile)
     jj.release(device)
     with tempfile.TemporaryDirectory() as out_dir:
-        args = srum_args(out_dir, batch, warmup + steps, device.type == "cuda", loss_guidance=loss_guidance)
+        args = srum_args(out_dir, batch, warmup + steps + profile, device.type == "cuda", loss_guidance=loss_guidance)
         trainer = quiet(SRUMTrainer(model, args=args, train_dataset=dataset, processing_class=processor,
-                                    callbacks=[timer], peft_config=LoraConfig(r=16, lora_alpha=32) if lora else None))
+                                    callbacks=[timer, profiler],
+                                    peft_config=LoraConfig(r=16, lora_alpha=32) if lora else None))
         assert trainer.offline
         trainer.train()
     trainable = sum(p.numel() for p in trainer.model.parameters() if p.requires_grad)
@@ -225,6 +259,8 @@ def run_trainer(variant, size, device, dtype, batch, warmup, steps, words, loss_
                max_grad_norm=args.max_grad_norm, lora=dict(r=16, lora_alpha=32, target_modules=str(
                    trainer.model.peft_config["default"].target_modules)) if lora else None,
                **step_flops(model, rows, length, backend.num_image_tokens, trainable if lora else 0))
+    if profiler.table is not None:
+        row["profile"] = profiler.table
     trainer.accelerator.free_memory()
     return row
 
@@ -302,6 +338,8 @@ def main(argv=None):
     parser.add_argument("--iteration-images", type=int, default=64, help="images of the SRUM iteration")
     parser.add_argument("--iteration-peft", default="lora", choices=["lora", "full"])
     parser.add_argument("--skip-iteration", action="store_true", help="skip the generate -> judge -> train round")
+    parser.add_argument("--profile", type=int, default=0,
+                        help="after the timed steps, profile this many steps of each trainer variant (top operators)")
     parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
@@ -335,7 +373,7 @@ def main(argv=None):
         else:
             label, guidance, lora = variants[name]
             row = guarded(label, lambda: run_trainer(label, size, device, dtype, batch, warmup, steps,
-                                                     args.prompt_words, guidance, lora))
+                                                     args.prompt_words, guidance, lora, args.profile))
         results.append(row)
         if "error" in row:
             continue
@@ -363,6 +401,14 @@ def main(argv=None):
     ours = [r for r in results if r["variant"].startswith("srum") and "error" not in r]
     print(f"\nMFU against the measured matmul peak ({peak / 1e12:.1f} TFLOP/s); targets: baseline ~46%, "
           "trainer >= 40%: " + ", ".join(f"{r['variant']} {'met' if r['mfu_6n'] >= 0.40 else 'NOT met'}" for r in ours))
+    for r in results:
+        if "profile" in r:
+            prof = r["profile"]
+            print(f"\nprofile of {r['variant']}: {prof['device_ms_per_step']:.1f} ms of operator time per step "
+                  f"({prof['by']})")
+            print(jj.markdown(("operator", "ms / step", "calls / step", "share"), [
+                (op["name"][:70], f"{op['ms_per_step']:.2f}", f"{op['calls_per_step']:.0f}",
+                 f"{100 * op['share']:.1f}%") for op in prof["ops"][:15]]))
     if iteration and "error" in iteration:
         print(f"\nSRUM iteration failed: {iteration['error']}")
     elif iteration:
