@@ -300,3 +300,32 @@ def test_config_judge_fields_ignored_with_an_explicit_judge_warns(tiny_janus, tm
     with pytest.warns(UserWarning, match="map_rule"):
         SRUMTrainer(model, reward_funcs=UMMJudgeRewardFunction(), args=_config(tmp_path, map_rule="signed"),
                     train_dataset=_dataset(), processing_class=processor)
+
+
+def test_lora_input_cast_skipped_under_autocast_with_the_same_loss(tiny_janus, tmp_path):
+    """Under autocast, LoRA layers see their bf16 input as is (no float32 copy that autocast would undo): the same
+    per-token losses as with PEFT's cast, bit for bit; outside autocast the cast stays on."""
+    from peft import LoraConfig
+    from peft.tuners.tuners_utils import BaseTunerLayer
+
+    model, processor = tiny_janus
+    model.to(torch.bfloat16)  # bf16 base; PEFT keeps the adapters in float32
+    trainer = SRUMTrainer(model, args=_config(tmp_path), train_dataset=_dataset(), processing_class=processor,
+                          peft_config=LoraConfig(r=4, lora_alpha=8, init_lora_weights=False))
+    layers = [m for m in trainer.model.modules() if isinstance(m, BaseTunerLayer)]
+    assert layers and all(p.dtype == torch.float32 for n, p in trainer.model.named_parameters() if "lora_" in n)
+    rollout = trainer.backend.generate(PROMPTS[:2], GenerationConfig(guidance=3.0), seed=0)
+
+    def losses():
+        states.append({getattr(m, "cast_input_dtype_enabled", True) for m in layers})
+        return trainer.backend.token_losses(rollout.prompts, rollout, "guided", 0.0)
+
+    states = []
+    plain = trainer._as_forward(losses)  # bf16=False: no autocast, the cast stays on
+    trainer.accelerator.autocast = lambda: torch.autocast("cpu", dtype=torch.bfloat16)
+    fast = trainer._as_forward(losses)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        reference = losses()  # autocast with PEFT's cast
+    assert states == [{True}, {False}, {True}]
+    assert {getattr(m, "cast_input_dtype_enabled", True) for m in layers} == {True}  # restored
+    assert torch.equal(fast, reference) and plain.dtype == torch.float32

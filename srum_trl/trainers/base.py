@@ -5,6 +5,7 @@ fails."""
 
 from __future__ import annotations
 
+import contextlib
 import math
 import os
 from collections import defaultdict
@@ -23,6 +24,13 @@ def nanmean(values) -> float:
     """Mean of the non-NaN values (NaN when there are none)."""
     values = [float(v) for v in values if v is not None and not math.isnan(float(v))]
     return sum(values) / len(values) if values else float("nan")
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4: one flag per device family
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
 
 
 def identity_collator(features):
@@ -63,7 +71,7 @@ class UMMTrainerBase(_BaseTrainer):
         """
         model = self.model
         if not isinstance(model, FSDPModule):
-            with self.accelerator.autocast():  # mixed precision (`bf16=True`) also for calls that skip `forward`
+            with self._mixed_precision():  # mixed precision (`bf16=True`) also for calls that skip `forward`
                 return fn(*args, **kwargs)
         own = vars(model).get("forward")  # e.g. accelerate's autocast wrapper
 
@@ -77,7 +85,7 @@ class UMMTrainerBase(_BaseTrainer):
 
         def forward(*a, **k):
             restore()  # `fn` may call the model's real forward (the judge does)
-            with self.accelerator.autocast():
+            with self._mixed_precision():
                 result.append(fn(*a, **k))
 
         model.forward = forward
@@ -86,6 +94,22 @@ class UMMTrainerBase(_BaseTrainer):
         finally:
             restore()
         return result[0]
+
+    @contextlib.contextmanager
+    def _mixed_precision(self):
+        """The accelerator's autocast; while it is on, PEFT's LoRA layers also stop casting their input to the
+        adapter's float32 (`peft.helpers.disable_input_dtype_casting`). That cast copies every adapted layer's input
+        to float32 and autocast copies it back to bf16 for the matmul, a lossless round trip that cost about 70 ms of
+        a 550 ms LoRA step at Janus-Pro-1B dimensions (docs/speed.md): without it the matmuls see the same bf16
+        values."""
+        with contextlib.ExitStack() as stack:
+            stack.enter_context(self.accelerator.autocast())
+            device_type = self.accelerator.device.type
+            if _autocast_on(device_type):
+                from peft.helpers import disable_input_dtype_casting
+
+                stack.enter_context(disable_input_dtype_casting(self.model))
+            yield
 
     def _set_signature_columns_if_needed(self):
         if self._signature_columns is None:
