@@ -149,7 +149,7 @@ def build_rollouts(
     for k in tqdm(todo, desc="rollout shards", disable=not progress):
         batch = prompts[k * shard_size : (k + 1) * shard_size]
         rollout = backend.generate(batch, generation, seed=seed + k)
-        maps = judge.judge(rollout.images, rollout.prompts, rollout.grid)
+        maps = judge.judge(rollout.images, rollout.prompts, rollout.grid, pixels=rollout.pixels)
         rewards = [judge.scalar(m) for m in maps]
         shard = Dataset.from_dict(rollout_rows(rollout, maps, rewards), features=FEATURES)
         final = os.path.join(out_dir, _shard_name(k))
