@@ -5,8 +5,9 @@ One step, linear:
   2. judging: the judge (by default the model's own understanding side) scores each image globally and per region
      and turns the scores into a reward map R on the token grid;
   3. loss: `mean over image tokens of (R - b + lambda) * per-token generation loss`, the per-token loss coming from
-     the backend (cross-entropy of image tokens on the logits that sampled them, by default); b is 0 (the paper's)
-     or the round's mean weight (`reward_baseline="batch"`).
+     the backend (cross-entropy of image tokens on the logits that sampled them, by default); b is 0 (the paper's),
+     the round's mean weight (`reward_baseline="batch"`) or the mean weight of the round's images of the same prompt
+     (`reward_baseline="prompt"`, with `num_generations` images per prompt).
 """
 
 from __future__ import annotations
@@ -162,7 +163,7 @@ class SRUMTrainer(UMMTrainerBase):
         )
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler:
-        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, seed=self.args.seed)
+        return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False)
 
     # ------------------------------------------------------------------------------------------- rollouts
     def _judge(self, rollout, mode: str) -> tuple[list[RewardMap], list[float]]:
