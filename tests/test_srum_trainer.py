@@ -329,3 +329,19 @@ def test_lora_input_cast_skipped_under_autocast_with_the_same_loss(tiny_janus, t
     assert states == [{True}, {False}, {True}]
     assert {getattr(m, "cast_input_dtype_enabled", True) for m in layers} == {True}  # restored
     assert torch.equal(fast, reference) and plain.dtype == torch.float32
+
+
+def test_evaluate_with_prompt_groups(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    args = _config(tmp_path, reward_baseline="prompt", num_generations=2, per_device_train_batch_size=2,
+                   per_device_eval_batch_size=4)
+    eval_set = Dataset.from_dict({"prompt": PROMPTS[:2]})
+    trainer = SRUMTrainer(model, args=args, train_dataset=_dataset(), eval_dataset=eval_set,
+                          processing_class=processor)
+    batch = next(iter(trainer.get_eval_dataloader()))
+    assert [row["prompt"] for row in batch] == [PROMPTS[0]] * 2 + [PROMPTS[1]] * 2  # dataset order, in groups
+    metrics = trainer.evaluate()
+    assert "eval_loss" in metrics and "eval_reward" in metrics
+    with pytest.raises(ValueError, match="per_device_eval_batch_size"):
+        SRUMTrainer(model, args=_config(tmp_path, num_generations=2, per_device_eval_batch_size=3),
+                    train_dataset=_dataset(), eval_dataset=eval_set, processing_class=processor)
