@@ -1,0 +1,87 @@
+"""Does the same seed give the same image tokens twice? Generates one batch several times with one seed at
+Janus-Pro-1B dimensions (random weights) through each decode path, each call with a fresh decoder, and reports how
+many tokens differ between calls and where the first difference appears. Prints a table and writes JSON.
+
+    python scripts/check_decode_determinism.py --out determinism.json                  # bf16, library defaults
+    python scripts/check_decode_determinism.py --deterministic --out determinism.json  # deterministic kernels
+
+`--deterministic` sets `CUBLAS_WORKSPACE_CONFIG=:4096:8` before CUDA starts and
+`torch.use_deterministic_algorithms(True, warn_only=True)`. `--smoke` runs tiny dimensions on the CPU.
+"""
+
+import argparse
+import json
+import os
+import sys
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
+
+
+def compare(runs) -> dict:
+    """Differences of every call's tokens `[B, T]` against the first call's."""
+    first = runs[0]
+    out = []
+    for tokens in runs[1:]:
+        differ = tokens != first
+        rows = differ.any(dim=1)
+        steps = [int(row.nonzero()[0]) for row in differ if row.any()]
+        out.append(dict(tokens_differing=int(differ.sum()), rows_differing=int(rows.sum()),
+                        first_differing_step=min(steps) if steps else None))
+    return dict(calls=len(runs), identical=all(d["tokens_differing"] == 0 for d in out), vs_first=out)
+
+
+def main(argv=None) -> dict:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--batch", type=int, default=16)
+    parser.add_argument("--calls", type=int, default=3)
+    parser.add_argument("--guidance", type=float, default=5.0)
+    parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference")
+    parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
+    parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--smoke", action="store_true")
+    parser.add_argument("--out", default=None)
+    args = parser.parse_args(argv)
+    if args.deterministic:
+        os.environ.setdefault("CUBLAS_WORKSPACE_CONFIG", ":4096:8")  # before the first cuBLAS call
+
+    import torch
+
+    import janus_rollouts as jr
+    from srum_trl.models import GenerationConfig, janus
+
+    if args.deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    cuda = torch.cuda.is_available() and not args.smoke
+    device = torch.device("cuda" if cuda else "cpu")
+    dtype = getattr(torch, args.dtype) if cuda else torch.float32
+    size = "1b" if cuda else "smoke"
+    model, processor, backend = jr.build(janus, size, device, dtype)
+    prompts = jr.prompts_for(args.batch, 24)
+    config = GenerationConfig(guidance=args.guidance, batch_size=args.batch)
+    results = {}
+    for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
+        backend.decode_path = path
+        runs = [backend.generate(prompts, config, seed=0).tokens for _ in range(args.calls)]
+        results[path] = compare(runs)
+    info = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
+                dtype=str(dtype), model=size, batch=args.batch, guidance=args.guidance,
+                deterministic=args.deterministic, image_tokens=backend.num_image_tokens)
+    print(f"{info['device']}, {size}, {dtype}, batch {args.batch}, deterministic={args.deterministic}")
+    print("| path | calls | identical | tokens differing (vs call 1) | rows differing | first differing step |")
+    print("|---|---|---|---|---|---|")
+    for path, r in results.items():
+        print(f"| {path} | {r['calls']} | {r['identical']} | "
+              f"{', '.join(str(d['tokens_differing']) for d in r['vs_first'])} | "
+              f"{', '.join(str(d['rows_differing']) for d in r['vs_first'])} | "
+              f"{', '.join(str(d['first_differing_step']) for d in r['vs_first'])} |")
+    payload = dict(info=info, results=results)
+    if args.out:
+        with open(args.out, "w") as f:
+            json.dump(payload, f, indent=1)
+    return payload
+
+
+if __name__ == "__main__":
+    main()
