@@ -19,17 +19,21 @@ sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.join(ROOT, "benchmarks"))
 
 
+def difference(a, b) -> dict:
+    differ = a != b
+    steps = [int(row.nonzero()[0]) for row in differ if row.any()]
+    return dict(tokens_differing=int(differ.sum()), rows_differing=int(differ.any(dim=1).sum()),
+                first_differing_step=min(steps) if steps else None)
+
+
 def compare(runs) -> dict:
-    """Differences of every call's tokens `[B, T]` against the first call's."""
-    first = runs[0]
-    out = []
-    for tokens in runs[1:]:
-        differ = tokens != first
-        rows = differ.any(dim=1)
-        steps = [int(row.nonzero()[0]) for row in differ if row.any()]
-        out.append(dict(tokens_differing=int(differ.sum()), rows_differing=int(rows.sum()),
-                        first_differing_step=min(steps) if steps else None))
-    return dict(calls=len(runs), identical=all(d["tokens_differing"] == 0 for d in out), vs_first=out)
+    """Differences of every call's tokens `[B, T]` against the first call's, and between all later pairs (is only
+    the first call of the process different?)."""
+    out = [difference(runs[0], tokens) for tokens in runs[1:]]
+    later = {f"{i + 1}-{j + 1}": difference(runs[i], runs[j])["tokens_differing"]
+             for i in range(1, len(runs)) for j in range(i + 1, len(runs))}
+    return dict(calls=len(runs), identical=all(d["tokens_differing"] == 0 for d in out), vs_first=out,
+                later_pairs_tokens_differing=later)
 
 
 def main(argv=None) -> dict:
@@ -69,13 +73,15 @@ def main(argv=None) -> dict:
                 dtype=str(dtype), model=size, batch=args.batch, guidance=args.guidance,
                 deterministic=args.deterministic, image_tokens=backend.num_image_tokens)
     print(f"{info['device']}, {size}, {dtype}, batch {args.batch}, deterministic={args.deterministic}")
-    print("| path | calls | identical | tokens differing (vs call 1) | rows differing | first differing step |")
-    print("|---|---|---|---|---|---|")
+    print("| path | calls | identical | tokens differing (vs call 1) | rows differing | first differing step | "
+          "tokens differing between later calls |")
+    print("|---|---|---|---|---|---|---|")
     for path, r in results.items():
         print(f"| {path} | {r['calls']} | {r['identical']} | "
               f"{', '.join(str(d['tokens_differing']) for d in r['vs_first'])} | "
               f"{', '.join(str(d['rows_differing']) for d in r['vs_first'])} | "
-              f"{', '.join(str(d['first_differing_step']) for d in r['vs_first'])} |")
+              f"{', '.join(str(d['first_differing_step']) for d in r['vs_first'])} | "
+              f"{', '.join(f'{k}: {v}' for k, v in r['later_pairs_tokens_differing'].items()) or '-'} |")
     payload = dict(info=info, results=results)
     if args.out:
         with open(args.out, "w") as f:
