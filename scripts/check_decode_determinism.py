@@ -44,6 +44,8 @@ def main(argv=None) -> dict:
     parser.add_argument("--paths", default="fast,reference", help="comma-separated: fast, reference")
     parser.add_argument("--dtype", default="bfloat16", choices=["bfloat16", "float32"])
     parser.add_argument("--deterministic", action="store_true")
+    parser.add_argument("--sdpa", default="default", choices=["default", "math", "efficient", "flash", "cudnn"],
+                        help="restrict scaled_dot_product_attention to one backend during generation")
     parser.add_argument("--smoke", action="store_true")
     parser.add_argument("--out", default=None)
     args = parser.parse_args(argv)
@@ -65,14 +67,22 @@ def main(argv=None) -> dict:
     prompts = jr.prompts_for(args.batch, 24)
     config = GenerationConfig(guidance=args.guidance, batch_size=args.batch)
     results = {}
+    from contextlib import nullcontext
+
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    kernels = {"math": SDPBackend.MATH, "efficient": SDPBackend.EFFICIENT_ATTENTION,
+               "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
         backend.decode_path = path
-        runs = [backend.generate(prompts, config, seed=0).tokens for _ in range(args.calls)]
+        with sdpa_kernel(kernels[args.sdpa]) if args.sdpa in kernels else nullcontext():
+            runs = [backend.generate(prompts, config, seed=0).tokens for _ in range(args.calls)]
         results[path] = compare(runs)
     info = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
                 dtype=str(dtype), model=size, batch=args.batch, guidance=args.guidance,
-                deterministic=args.deterministic, image_tokens=backend.num_image_tokens)
-    print(f"{info['device']}, {size}, {dtype}, batch {args.batch}, deterministic={args.deterministic}")
+                deterministic=args.deterministic, sdpa=args.sdpa, image_tokens=backend.num_image_tokens)
+    print(f"{info['device']}, {size}, {dtype}, batch {args.batch}, deterministic={args.deterministic}, "
+          f"sdpa={args.sdpa}")
     print("| path | calls | identical | tokens differing (vs call 1) | rows differing | first differing step | "
           "tokens differing between later calls |")
     print("|---|---|---|---|---|---|---|")
