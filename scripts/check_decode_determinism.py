@@ -1,6 +1,7 @@
 """Does the same seed give the same image tokens twice? Generates one batch several times with one seed at
 Janus-Pro-1B dimensions (random weights) through each decode path, each call with a fresh decoder, and reports how
-many tokens differ between calls and where the first difference appears. Prints a table and writes JSON.
+many tokens differ between calls, where the first difference appears, and the seconds per call (the first call of a
+path pays its warm-up). Prints a table and writes JSON.
 
     python scripts/check_decode_determinism.py --out determinism.json                  # bf16, library defaults
     python scripts/check_decode_determinism.py --deterministic --out determinism.json  # deterministic kernels
@@ -13,6 +14,7 @@ import argparse
 import json
 import os
 import sys
+import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -75,23 +77,30 @@ def main(argv=None) -> dict:
                "flash": SDPBackend.FLASH_ATTENTION, "cudnn": SDPBackend.CUDNN_ATTENTION}
     for path in [p.strip() for p in args.paths.split(",") if p.strip()]:
         backend.decode_path = path
+        runs, seconds = [], []
         with sdpa_kernel(kernels[args.sdpa]) if args.sdpa in kernels else nullcontext():
-            runs = [backend.generate(prompts, config, seed=0).tokens for _ in range(args.calls)]
-        results[path] = compare(runs)
+            for _ in range(args.calls):
+                jr.sync(device)
+                start = time.perf_counter()
+                runs.append(backend.generate(prompts, config, seed=0).tokens)
+                jr.sync(device)
+                seconds.append(time.perf_counter() - start)
+        results[path] = dict(compare(runs), call_seconds=seconds)
     info = dict(device=torch.cuda.get_device_name(device) if cuda else "cpu", torch=torch.__version__,
                 dtype=str(dtype), model=size, batch=args.batch, guidance=args.guidance,
                 deterministic=args.deterministic, sdpa=args.sdpa, image_tokens=backend.num_image_tokens)
     print(f"{info['device']}, {size}, {dtype}, batch {args.batch}, deterministic={args.deterministic}, "
           f"sdpa={args.sdpa}")
     print("| path | calls | identical | tokens differing (vs call 1) | rows differing | first differing step | "
-          "tokens differing between later calls |")
-    print("|---|---|---|---|---|---|---|")
+          "tokens differing between later calls | seconds per call |")
+    print("|---|---|---|---|---|---|---|---|")
     for path, r in results.items():
         print(f"| {path} | {r['calls']} | {r['identical']} | "
               f"{', '.join(str(d['tokens_differing']) for d in r['vs_first'])} | "
               f"{', '.join(str(d['rows_differing']) for d in r['vs_first'])} | "
               f"{', '.join(str(d['first_differing_step']) for d in r['vs_first'])} | "
-              f"{', '.join(f'{k}: {v}' for k, v in r['later_pairs_tokens_differing'].items()) or '-'} |")
+              f"{', '.join(f'{k}: {v}' for k, v in r['later_pairs_tokens_differing'].items()) or '-'} | "
+              f"{', '.join(f'{t:.2f}' for t in r['call_seconds'])} |")
     payload = dict(info=info, results=results)
     if args.out:
         with open(args.out, "w") as f:
