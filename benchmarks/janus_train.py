@@ -343,9 +343,6 @@ def main(argv=None):
     parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
     parser.add_argument("--out", default=None, help="write the results as JSON here")
     args = parser.parse_args(argv)
-
-    import torch
-
     device, dtype, size = jj.device_setup(args, parser)
     batch, warmup, steps = (4, 2, 2) if args.smoke else (args.batch, args.warmup, args.steps)
     images = 8 if args.smoke else args.iteration_images

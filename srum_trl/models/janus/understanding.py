@@ -228,30 +228,20 @@ class JanusInputBuilder:
             return self.view_pixels(images)
         plan = self.image_plan()
         device = self.device
-        state = self.state
         if plan is None:
             pixels = self.processor.image_processor(images, return_tensors="pt")["pixel_values"]
             return pixels.to(device), ["processor"] * len(images)
         size = plan["size"]
-        # resize on the device (Pillow's algorithm in torch) unless the model is on the CPU, where Pillow is faster
-        on_device = self.resize_on_device
-        on_device = device.type != "cpu" if on_device is None else on_device
-        on_device = on_device and plan["resample"] in _PIL_FILTERS and pil_pass_order() is not None
+        on_device = self._resize_on_device(plan)
         kinds, host, groups = [], {}, {}
         for i, im in enumerate(images):
             w, h = im.size
-            if (w, h) == (size, size):
-                kind = "plain" if state["plain"] is not False else "processor"
-            else:
-                new_h, new_w = _resized_size(plan, h, w)
-                ok = (state["resize"] is not False and plan["do_resize"] and plan["pil_resize"]
-                      and max(new_h, new_w) == size
-                      and (new_h == new_w or (plan["do_pad"] and plan["background"] is not None)))
-                kind = "resize" if ok else "processor"
+            kind = self._row_kind(plan, h, w)
             kinds.append(kind)
             if kind == "plain":
                 host[i] = np.asarray(im)
             elif kind == "resize" and not on_device:  # Pillow itself, as the processor, then pad
+                new_h, new_w = _resized_size(plan, h, w)
                 host[i] = _pad_square_np(np.asarray(im.resize((new_w, new_h), plan["resample"])), plan)
             elif kind == "resize":
                 groups.setdefault((h, w), []).append(i)
@@ -273,6 +263,25 @@ class JanusInputBuilder:
         rest = [i for i, k in enumerate(kinds) if k == "processor"]
         return self._assemble(parts, n, plan, rest, lambda: [images[i] for i in rest]), kinds
 
+    def _resize_on_device(self, plan) -> bool:
+        """Resize on the device (Pillow's algorithm in torch) unless the model is on the CPU, where Pillow is faster,
+        or `resize_on_device` says otherwise; only for filters the torch version reproduces."""
+        on_device = self.resize_on_device
+        on_device = self.device.type != "cpu" if on_device is None else on_device
+        return on_device and plan["resample"] in _PIL_FILTERS and pil_pass_order() is not None
+
+    def _row_kind(self, plan, h: int, w: int) -> str:
+        """How a row of an `h x w` image is prepared: "plain" (already S x S: normalise), "resize" (resize and pad
+        as the processor does, then normalise) or "processor" (a case the fast path does not reproduce, or one the
+        first-use check found different)."""
+        size, state = plan["size"], self.state
+        if (h, w) == (size, size):
+            return "plain" if state["plain"] is not False else "processor"
+        new_h, new_w = _resized_size(plan, h, w)
+        ok = (state["resize"] is not False and plan["do_resize"] and plan["pil_resize"] and max(new_h, new_w) == size
+              and (new_h == new_w or (plan["do_pad"] and plan["background"] is not None)))
+        return "resize" if ok else "processor"
+
     def view_pixels(self, views: PixelViews):
         """[`fast_pixels`] for rows given as views of images on the device: the views of each size are gathered
         from `views.pixels` in one indexing kernel, then normalised ("plain", already S x S) or resized, padded and
@@ -283,22 +292,12 @@ class JanusInputBuilder:
         if plan is None:
             pixels = self.processor.image_processor(views.to_pil(), return_tensors="pt")["pixel_values"]
             return pixels.to(device), ["processor"] * n
-        state, size = self.state, plan["size"]
-        on_device = self.resize_on_device  # as for PIL images: Pillow on the host when the model is on the CPU
-        on_device = device.type != "cpu" if on_device is None else on_device
-        on_device = on_device and plan["resample"] in _PIL_FILTERS and pil_pass_order() is not None
+        size = plan["size"]
+        on_device = self._resize_on_device(plan)  # as for PIL images: Pillow on the host when the model is on the CPU
         kinds, groups = [], {}
         for r, (h, w) in enumerate(views.sizes()):
-            if (h, w) == (size, size):
-                kind = "plain" if state["plain"] is not False else "processor"
-            elif h < 1 or w < 1:  # an empty box: the processor fails as it would on the PIL crop
-                kind = "processor"
-            else:
-                new_h, new_w = _resized_size(plan, h, w)
-                ok = (state["resize"] is not False and plan["do_resize"] and plan["pil_resize"]
-                      and max(new_h, new_w) == size
-                      and (new_h == new_w or (plan["do_pad"] and plan["background"] is not None)))
-                kind = "resize" if ok else "processor"
+            # an empty box goes to the processor, which fails as it would on the PIL crop
+            kind = "processor" if h < 1 or w < 1 else self._row_kind(plan, h, w)
             kinds.append(kind)
             if kind != "processor":
                 groups.setdefault((h, w), []).append(r)
