@@ -14,8 +14,10 @@ learning rate is shown as its own row, labelled `ARM@LR`.
 import argparse
 import json
 import math
+from types import SimpleNamespace
 
-from srum_trl.shapes.evidence import CONTROL_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_order, parse_arm, summarize
+from srum_trl.shapes.evidence import (CONTROL_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
+                                      summarize)
 
 
 def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
@@ -30,9 +32,13 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
         base = base or this_base
         commands.append(result["command"])
         n_eval = result["config"]["eval_prompts"]
+        config = SimpleNamespace(**result["config"])
         for row in result["runs"]:
-            recipe = _recipe(result["config"], row["arm"])
-            label = labels.setdefault((row["arm"], recipe), _label(row["arm"], recipe, labels))
+            lr = arm_learning_rate(row["arm"], config)
+            recipe = _recipe(config, row["arm"], lr)
+            if (row["arm"], recipe) not in labels:
+                labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels)
+            label = labels[(row["arm"], recipe)]
             if (label, row["seed"]) not in seen and "error" not in row:
                 seen.add((label, row["seed"]))
                 rows.append({**row, "arm": label, "recipe": recipe})
@@ -48,23 +54,19 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
     return summary, rows, commands
 
 
-def _label(arm: str, recipe: str, labels: dict) -> str:
+def _label(arm: str, recipe: str, lr: float, labels: dict) -> str:
     """The arm's row label: the arm itself, or `ARM@LR` when the arm already has a row with another recipe."""
     if arm not in labels.values():
         return arm
-    name, lr = parse_arm(arm)
-    if lr is not None:
+    if parse_arm(arm)[1] is not None:
         return f"{arm} ({recipe})"
-    value = float(recipe.split(", lr ")[1].split(",")[0])
-    return f"{name}@{value:g}" if value >= 1e-3 else f"{name}@{value:.0e}".replace("e-0", "e-")
+    return f"{arm}@{lr:g}" if lr >= 1e-3 else f"{arm}@{lr:.0e}".replace("e-0", "e-")
 
 
-def _recipe(config: dict, arm: str) -> str:
-    name, lr = parse_arm(arm)
-    grpo = name in GRPO_ARMS
-    lr = lr or (config["grpo_learning_rate"] if grpo else config["learning_rate"])
-    groups = f", groups of {config['num_generations']}" if grpo or name.startswith("srum_grouped") else ""
-    return f"{config['steps']} x {config['batch_size']}, lr {lr:g}{groups}"
+def _recipe(config, arm: str, lr: float) -> str:
+    name = parse_arm(arm)[0]
+    groups = f", groups of {config.num_generations}" if name in GRPO_ARMS or name.startswith("srum_grouped") else ""
+    return f"{config.steps} x {config.batch_size}, lr {lr:g}{groups}"
 
 
 def table(summary: dict, rows: list[dict]) -> str:
