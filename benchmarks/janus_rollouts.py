@@ -16,8 +16,8 @@ without its trainer dependencies (trl, datasets) when those are missing.
 What is timed: the image-token decode of one batch (prompt prefill + all image tokens, CFG rows included), without
 the VQ decode (the same for every path). `step_ms` = batch time / image tokens; `images_per_s` = batch / batch time.
 The eager paths get a short warm-up (the same model with 4 image tokens); the fast path is called twice on the
-same batch shape and the second call is timed (the first one, which captures the CUDA graphs, is reported as
-`first_call_s`).
+same batch shape and the second call is timed (the first one, which compiles the step pieces for that shape
+(dynamo's caches are reset before each fast path) and captures the CUDA graphs, is reported as `first_call_s`).
 
 Memory floor of a decode step: the bytes that a step must read at least, over the device's copy bandwidth measured
 in the same run: the weights that every step reads (language-model layers and final norm, generation head and
@@ -111,6 +111,17 @@ def build(janus, size: str, device, dtype, words=WORDS, seed: int = 0):
     backend = janus.JanusBackend(model, processor)
     assert backend.num_image_tokens == n_tokens, (backend.num_image_tokens, n_tokens)
     return model, processor, backend
+
+
+def with_lora(janus, model, processor, backend, rank: int):
+    """The model with a PEFT LoRA adapter (rank `rank`, alpha 2 x rank, B initialised to zero as in training) on
+    the backend's default targets, and a backend over it. Returns the model with the adapter layers injected (what
+    transformers' `generate` runs) and the new backend."""
+    from peft import LoraConfig, get_peft_model
+
+    config = LoraConfig(r=rank, lora_alpha=2 * rank, target_modules=backend.default_lora_targets())
+    wrapped = get_peft_model(model, config)
+    return wrapped.base_model.model, janus.JanusBackend(wrapped, processor)
 
 
 def prompts_for(n: int, words: int, seed: int = 0) -> list[str]:
@@ -272,7 +283,8 @@ def check_fast(base, backend, prompts, config, result) -> dict:
 def equivalence_check(janus, fast, base, device) -> dict:
     """Fast vs reference on a tiny float32 model (sharpened so that tokens depend on the computation) on `device`:
     with the reference's CPU random numbers ("host" sampling, CUDA graphs on CUDA) the tokens must be equal; the
-    device sampler must equal it when greedy and match teacher-forced log-probs when sampling."""
+    device sampler must equal it when greedy and match teacher-forced log-probs when sampling. The library's
+    default decoder is checked (on CUDA its step pieces are compiled), and the uncompiled one in one setting."""
     import torch
 
     model, processor = janus.build_tiny_janus(WORDS, seed=0)
@@ -298,7 +310,17 @@ def equivalence_check(janus, fast, base, device) -> dict:
                     ok &= same and lp < 1e-4 and margin < 1e-4
                     rows.append(dict(guidance=guidance, temperature=temperature, top_k=top_k, tokens_equal=same,
                                      max_logprob_diff=lp, max_margin_diff=margin,
-                                     graphs=sampler.decoder.graphs.captures))
+                                     graphs=sampler.decoder.graphs.captures, compiled=bool(sampler.decoder.compile)))
+        # the uncompiled step pieces (the default compiles them on CUDA), one setting
+        config = base.GenerationConfig(guidance=3.0, temperature=0.7, top_k=None)
+        ref = backend._sample(prompts, config, torch.Generator().manual_seed(5))
+        sampler = fast.FastJanusSampler(backend, sampling="host", compile=False)
+        got = sampler(prompts, config, torch.Generator().manual_seed(5))
+        same = torch.equal(ref[0].cpu(), got[0].cpu())
+        lp = (ref[2] - got[2]).abs().max().item()
+        ok &= same and lp < 1e-4
+        rows.append(dict(guidance=3.0, temperature=0.7, top_k=None, tokens_equal=same, max_logprob_diff=lp,
+                         compiled=False))
         greedy = base.GenerationConfig(guidance=3.0, top_k=1)
         ref_greedy = backend._sample(prompts, greedy, torch.Generator().manual_seed(0))[0]
         device_sampler = fast.FastJanusSampler(backend, sampling="device")
@@ -310,6 +332,7 @@ def equivalence_check(janus, fast, base, device) -> dict:
         rollout = base.Rollout(prompts=prompts, images=[], tokens=tokens, grid=backend.token_grid, guidance=3.0,
                                temperature=1.3)
         forced = (backend.token_logprobs(prompts, rollout) - logprobs).abs().max().item()
+    torch._dynamo.reset()  # the timed runs compile for their own shapes
     ok &= greedy_equal and forced < 1e-4
     return dict(passed=bool(ok), host_sampling=rows, device_greedy_equal=greedy_equal,
                 device_teacher_forced_max_diff=forced)
@@ -346,6 +369,12 @@ def guarded(fn):
 
 
 # -------------------------------------------------------------------------------------------------------- main
+FAST_OPTIONS = dict(fast=dict(), fast_nocompile=dict(compile=False),
+                    fast_autotune=dict(compile=dict(mode="max-autotune-no-cudagraphs")),
+                    fast_host=dict(sampling="host"), fast_eager=dict(cuda_graphs=False),
+                    fast_unmerged=dict(merge_adapters=False))
+
+
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", default="1b,7b", help="comma-separated: 1b, 7b")
@@ -353,8 +382,14 @@ def main(argv=None):
     parser.add_argument("--guidance", type=float, default=5.0)
     parser.add_argument("--prompt-words", type=int, default=24, help="words per prompt (+ BOS and BOI tokens)")
     parser.add_argument("--paths", default="transformers,reference,fast",
-                        help="comma-separated: transformers, reference, fast, fast_host (fast with the reference's "
-                             "CPU sampling), fast_eager (fast without CUDA graphs)")
+                        help="comma-separated: transformers, reference, fast (library defaults: on CUDA its step "
+                             "pieces go through torch.compile), fast_nocompile (compile=False), fast_autotune (with "
+                             "inductor's max-autotune GEMMs), fast_host (with the reference's CPU sampling), "
+                             "fast_eager (without CUDA graphs), fast_unmerged (with --lora: the adapters run as PEFT's "
+                             "layers instead of merged)")
+    parser.add_argument("--lora", type=int, default=0,
+                        help="wrap the model in a PEFT LoRA adapter of this rank on the language model's projections "
+                             "(the trainers' default targets), as during training; 0: no adapter")
     parser.add_argument("--no-check", action="store_true",
                         help="skip the equivalence check (tiny float32 model) and the teacher-forced check")
     parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
@@ -372,7 +407,7 @@ def main(argv=None):
     models = ["smoke"] if args.smoke else [m.strip() for m in args.models.split(",") if m.strip()]
     batches = [2, 4] if args.smoke else [int(b) for b in args.batches.split(",")]
     paths = [p.strip() for p in args.paths.split(",") if p.strip()]
-    unknown = set(paths) - {"transformers", "reference", "fast", "fast_host", "fast_eager"}
+    unknown = set(paths) - set(FAST_OPTIONS) - {"transformers", "reference"}
     if unknown or any(m not in SIZES for m in models):
         parser.error(f"unknown path(s) {sorted(unknown)} or model(s) {models}")
 
@@ -395,6 +430,8 @@ def main(argv=None):
     for size in models:
         release(device)
         model, processor, backend = build(janus, size, device, dtype)
+        if args.lora:
+            model, backend = with_lora(janus, model, processor, backend, args.lora)
         n_tokens = backend.num_image_tokens
         for batch in batches:
             prompts = prompts_for(batch, args.prompt_words, seed=batch)
@@ -409,11 +446,11 @@ def main(argv=None):
                 elif path == "reference":
                     out, row = guarded(lambda: run_reference(backend, prompts, config, device))
                 else:
-                    options = dict(fast=dict(), fast_host=dict(sampling="host"), fast_eager=dict(cuda_graphs=False))
-                    out, row = guarded(lambda: run_fast(fast, backend, prompts, config, device, **options[path]))
-                row.update(model=size, batch=batch, path=path, rows=rows, prompt_tokens=prompt_len,
+                    torch._dynamo.reset()  # compiled for this batch shape alone (first_call_s includes it)
+                    out, row = guarded(lambda: run_fast(fast, backend, prompts, config, device, **FAST_OPTIONS[path]))
+                row.update(model=size, batch=batch, path=path, rows=rows, prompt_tokens=prompt_len, lora=args.lora,
                            image_tokens=n_tokens, peak_gib=peak_gib(device), **floor)
-                if out is not None and path == "fast" and not args.no_check and batch == batches[0]:
+                if out is not None and path in ("fast", "fast_nocompile") and not args.no_check and batch == batches[0]:
                     check, info_check = guarded(lambda: (check_fast(base, backend, prompts, config, out), {}))
                     row["check"] = check if check is not None else info_check
                 if "total_s" in row:

@@ -265,8 +265,10 @@ def run_trainer(variant, size, device, dtype, batch, warmup, steps, words, loss_
     return row
 
 
-def run_iteration(size, device, dtype, batch, images, words, lora) -> dict:
-    """One SRUM round through the trainer: generate `images` (fast decoder), judge them, train on them."""
+def run_iteration(size, device, dtype, batch, images, words, lora, rounds: int = 2) -> dict:
+    """SRUM rounds through the trainer: each generates `images` (fast decoder), judges them and trains on them. The
+    first round of the process pays the one-time costs (compilation, graph capture, CUDA initialisation); the later
+    ones show a warmed round. Phases are timed per round."""
     from datasets import Dataset
     from peft import LoraConfig
 
@@ -275,43 +277,51 @@ def run_iteration(size, device, dtype, batch, images, words, lora) -> dict:
     model, processor, _ = jj.build_janus(size, device, dtype)
     model.requires_grad_(True)
     spg = images // batch
-    timer = step_timer(0, spg, device, per_step=True)
+    timer = step_timer(0, spg * rounds, device, per_step=True)
     jj.release(device)
     with tempfile.TemporaryDirectory() as out_dir:
-        args = srum_args(out_dir, batch, spg, device.type == "cuda", steps_per_generation=spg, guidance_scale=5.0)
+        args = srum_args(out_dir, batch, spg * rounds, device.type == "cuda", steps_per_generation=spg,
+                         guidance_scale=5.0)
         trainer = quiet(SRUMTrainer(model, args=args, train_dataset=Dataset.from_dict({"prompt": jj.prompts_for(
-            images, words, seed=3)}), processing_class=processor, callbacks=[timer],
+            images * rounds, words, seed=3)}), processing_class=processor, callbacks=[timer],
             peft_config=LoraConfig(r=16, lora_alpha=32) if lora else None))
         backend = trainer.backend
         backend.decode_path = "fast"
-        spent = {"decode": 0.0, "inputs": 0.0}
+        spent = []  # per round: seconds by phase
 
-        def timed(name, fn):  # wrap a method of this backend object (the class stays as it is)
+        def timed(name, fn, new_round=False):  # wrap a method of this object (the class stays as it is)
             def call(*a, **k):
+                if new_round:
+                    spent.append(dict(generate=0.0, decode=0.0, inputs=0.0, judge=0.0))
                 start = time.perf_counter()
                 out = fn(*a, **k)
                 jj.sync(device)
-                spent[name] += time.perf_counter() - start
+                spent[-1][name] += time.perf_counter() - start
                 return out
             return call
 
-        backend.decode = timed("decode", backend.decode)
+        backend.generate = timed("generate", backend.generate, new_round=True)
+        backend.decode_pixels = timed("decode", backend.decode_pixels)
+        backend.pixels_to_images = timed("decode", backend.pixels_to_images)
         backend._understanding_inputs = timed("inputs", backend._understanding_inputs)
+        trainer._judge = timed("judge", trainer._judge)
         trainer.train()
-    logs = {k: v for entry in trainer.state.log_history for k, v in entry.items()}
-    generate, judge = logs["timing/generate_s"], logs["timing/judge_s"]
-    total = sum(timer.durations)
-    phases = [
-        ("generate: image tokens (fast decoder, CFG 5, graph capture included)", generate - spent["decode"]),
-        ("generate: VQ decode + PIL images", spent["decode"]),
-        ("judge: host preprocessing (processor + copy to device)", spent["inputs"]),
-        ("judge: forwards, read-back, reward maps", judge - spent["inputs"]),
-        (f"train: {spg} steps x {batch} images (guided loss)", total - generate - judge),
-    ]
+    per_round = []
+    for r, t in enumerate(spent):
+        total = sum(timer.durations[r * spg:(r + 1) * spg])
+        phases = [
+            ("generate: image tokens (fast decoder, CFG 5)", t["generate"] - t["decode"]),
+            ("generate: VQ decode to images", t["decode"]),
+            ("judge: host preparation", t["inputs"]),
+            ("judge: forwards, read-back, reward maps", t["judge"] - t["inputs"]),
+            (f"train: {spg} steps x {batch} images (guided loss)", total - t["generate"] - t["judge"]),
+        ]
+        per_round.append(dict(total_s=total, phases=[dict(phase=name, seconds=s, share=s / total)
+                                                     for name, s in phases]))
     trainer.accelerator.free_memory()
-    return dict(images=images, batch=batch, steps=spg, lora=lora, total_s=total, step_s=timer.durations,
-                peak_gib=jj.peak_gib(device), judge_questions=trainer.judge.stats["questions"],
-                phases=[dict(phase=name, seconds=s, share=s / total) for name, s in phases])
+    return dict(images=images, batch=batch, steps=spg, lora=lora, rounds=per_round, step_s=timer.durations,
+                peak_gib=jj.peak_gib(device), judge_questions=trainer.judge.stats["questions"] // len(spent),
+                decode_compile=repr(backend.compile_decode))
 
 
 def guarded(label, fn) -> dict:
@@ -337,7 +347,9 @@ def main(argv=None):
                         help="comma-separated: baseline, full (guided), full_cond (conditional), lora (guided)")
     parser.add_argument("--iteration-images", type=int, default=64, help="images of the SRUM iteration")
     parser.add_argument("--iteration-peft", default="lora", choices=["lora", "full"])
-    parser.add_argument("--skip-iteration", action="store_true", help="skip the generate -> judge -> train round")
+    parser.add_argument("--iteration-rounds", type=int, default=2,
+                        help="rounds of the iteration (the first pays the one-time costs)")
+    parser.add_argument("--skip-iteration", action="store_true", help="skip the generate -> judge -> train rounds")
     parser.add_argument("--profile", type=int, default=0,
                         help="after the timed steps, profile this many steps of each trainer variant (top operators)")
     parser.add_argument("--smoke", action="store_true", help="tiny dimensions on the CPU (plumbing check)")
@@ -385,7 +397,7 @@ def main(argv=None):
     if not args.skip_iteration:
         jj.release(device)
         iteration = guarded("iteration", lambda: run_iteration(size, device, dtype, batch, images, args.prompt_words,
-                                                               args.iteration_peft == "lora"))
+                                                               args.iteration_peft == "lora", args.iteration_rounds))
 
     print()
     print(jj.markdown(("variant", "rows/step", "ms/step", "tok/s", "img tok/s", "TFLOP/s (6N)", "MFU (6N)",
@@ -409,13 +421,15 @@ def main(argv=None):
     if iteration and "error" in iteration:
         print(f"\nSRUM iteration failed: {iteration['error']}")
     elif iteration:
-        print(f"\nSRUM iteration: {iteration['images']} images, {iteration['steps']} steps of {iteration['batch']}, "
-              f"{'LoRA' if iteration['lora'] else 'full'}, {iteration['judge_questions']} judge questions, "
-              f"peak {iteration['peak_gib'] if iteration['peak_gib'] is not None else '-'} GiB")
-        print(jj.markdown(("phase", "s", "share", "img/s"), [
-            (p["phase"], f"{p['seconds']:.2f}", f"{100 * p['share']:.0f}%",
-             f"{iteration['images'] / p['seconds']:.1f}" if p["seconds"] > 0 else "-") for p in iteration["phases"]]
-            + [("total", f"{iteration['total_s']:.2f}", "100%", f"{iteration['images'] / iteration['total_s']:.1f}")]))
+        print(f"\nSRUM iteration: {iteration['images']} images per round, {iteration['steps']} steps of "
+              f"{iteration['batch']}, {'LoRA' if iteration['lora'] else 'full'}, {iteration['judge_questions']} judge "
+              f"questions per round, peak {iteration['peak_gib'] if iteration['peak_gib'] is not None else '-'} GiB")
+        for r, rnd in enumerate(iteration["rounds"], 1):
+            print(f"\nround {r}" + (" (first of the process: one-time costs included)" if r == 1 else ""))
+            print(jj.markdown(("phase", "s", "share", "img/s"), [
+                (p["phase"], f"{p['seconds']:.2f}", f"{100 * p['share']:.0f}%",
+                 f"{iteration['images'] / p['seconds']:.1f}" if p["seconds"] > 0 else "-") for p in rnd["phases"]]
+                + [("total", f"{rnd['total_s']:.2f}", "100%", f"{iteration['images'] / rnd['total_s']:.1f}")]))
     payload = dict(info=info, results=results, iteration=iteration)
     jj.write_json(args.out, payload)
     return payload

@@ -49,8 +49,11 @@ def test_train_benchmark_smoke(benchmark_module, tmp_path):
     assert len(rows) == 4 and all(r["mfu_6n"] > 0 and r["step_s"] > 0 for r in rows.values())
     lora = next(r for name, r in rows.items() if "lora" in name)
     assert lora["flops_4n2t"] < lora["flops_6n"] and 0 < lora["trainable_params"] < 1e5
-    phases = payload["iteration"]["phases"]
-    assert len(phases) == 5 and payload["iteration"]["judge_questions"] == 5 * payload["iteration"]["images"]
+    iteration = payload["iteration"]
+    assert len(iteration["rounds"]) == 2 and iteration["judge_questions"] == 5 * iteration["images"]
+    for rnd in iteration["rounds"]:
+        assert len(rnd["phases"]) == 5 and all(p["seconds"] > 0 for p in rnd["phases"])
+        assert abs(sum(p["seconds"] for p in rnd["phases"]) - rnd["total_s"]) < 1e-6
 
 
 def test_generate_calls_benchmark_smoke(benchmark_module, tmp_path):

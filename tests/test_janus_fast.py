@@ -7,6 +7,7 @@ catch such a bug.
 """
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -184,20 +185,58 @@ def test_exponential_race_samples_the_distribution(sharp_backend):
             assert (counts[probs[0] == 0] == 0).all()
 
 
-def test_eager_attention_and_lora(tiny_janus):
-    """The decoder runs the model's own layers: eager attention and injected LoRA layers are honoured."""
+def _lora_backend(tiny_janus, **lora_kwargs):
     peft = pytest.importorskip("peft")
     model, processor = tiny_janus
-    _sharpen(model)
-    model.set_attn_implementation("eager")
     lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                           target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj)")
-    wrapped = peft.get_peft_model(model, lora)
+                           target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj|down_proj)", **lora_kwargs)
+    return peft.get_peft_model(_sharpen(model), lora), processor
+
+
+@pytest.mark.parametrize("merge", [True, False])
+def test_eager_attention_and_lora(tiny_janus, merge):
+    """Eager attention and injected LoRA layers are honoured, with the adapters merged into copies of the adapted
+    weights for the decode steps (default) or run as PEFT's layers; and with the adapters switched off."""
+    wrapped, processor = _lora_backend(tiny_janus)
+    wrapped.base_model.model.set_attn_implementation("eager")
     backend = JanusBackend(wrapped, processor)
     config = GenerationConfig(guidance=3.0, temperature=0.7)
-    _assert_same(_reference(backend, PROMPTS, config, 9), _fast(backend, PROMPTS, config, 9), guided=True)
+    _assert_same(_reference(backend, PROMPTS, config, 9), _fast(backend, PROMPTS, config, 9, merge_adapters=merge),
+                 guided=True)
     with backend.frozen():
-        _assert_same(_reference(backend, PROMPTS, config, 9), _fast(backend, PROMPTS, config, 9), guided=True)
+        _assert_same(_reference(backend, PROMPTS, config, 9),
+                     _fast(backend, PROMPTS, config, 9, merge_adapters=merge), guided=True)
+
+
+def test_merged_adapters_follow_training_updates(tiny_janus):
+    """A kept decoder merges the adapters again at every call: after an in-place update of the LoRA weights (what an
+    optimizer step does) it draws the tokens of the updated model, not of the weights it merged first."""
+    wrapped, processor = _lora_backend(tiny_janus)
+    backend = JanusBackend(wrapped, processor, decode_path="fast", keep_fast_decoder=True)
+    config = GenerationConfig(guidance=3.0, temperature=0.7)
+    first = backend.generate(PROMPTS, config, seed=4)
+    decoder = backend._fast_sampler.decoder
+    assert decoder.merged is not None and len(decoder.merged.pairs) == 2 * 4  # 4 adapted projections x 2 layers
+    with torch.no_grad():
+        for name, param in wrapped.named_parameters():
+            if "lora_B" in name:
+                param.add_(torch.randn_like(param))
+    after = backend.generate(PROMPTS, config, seed=4)
+    assert backend._fast_sampler.decoder is decoder  # reused, not rebuilt
+    assert torch.equal(after.tokens, _reference(backend, PROMPTS, config, 4)[0])
+    assert not torch.equal(after.tokens, first.tokens)  # the update matters: stale merged weights would show
+
+
+def test_lora_variants_keep_peft_forward(tiny_janus):
+    """DoRA cannot be merged by adding `B A`: its projections run PEFT's forward; the tokens stay the reference's."""
+    wrapped, processor = _lora_backend(tiny_janus, use_dora=True)
+    backend = JanusBackend(wrapped, processor)
+    config = GenerationConfig(guidance=3.0, temperature=0.7)
+    sampler = FastJanusSampler(backend)
+    got = sampler(PROMPTS, config, torch.Generator().manual_seed(6))
+    assert sampler.decoder.merged.pairs == []
+    assert sampler.decoder.step_layers[0].self_attn.q_proj is sampler.decoder.layers[0].self_attn.q_proj
+    _assert_same(_reference(backend, PROMPTS, config, 6), got, guided=True)
 
 
 def test_rejects_unsupported_attention(tiny_backend):
@@ -312,3 +351,68 @@ def test_cuda_kept_decoder_replays_graphs_across_calls(tiny_janus):
     for seed in (0, 3):
         assert torch.equal(kept.generate(PROMPTS, config, seed=seed).tokens, fresh.generate(PROMPTS, config, seed).tokens)
     assert kept._fast_sampler.decoder.graphs.captures == captures  # replayed, not captured again
+
+
+# ------------------------------------------------------------------------------------- compiled step pieces (CPU)
+@pytest.fixture
+def dynamo_reset():
+    torch._dynamo.reset()
+    yield
+    torch._dynamo.reset()
+
+
+def test_compiled_step_draws_the_reference_tokens_and_compiles_once_for_all_layers(dynamo_reset):
+    """`compile=...` runs the step pieces through torch.compile (here the "aot_eager" backend: tracing and
+    functionalisation without a C++ compiler). Host sampling still draws the reference's tokens; the piece between
+    two attentions is traced once and reused by every layer pair (3 layers here), so a call compiles 3 graphs."""
+    from torch._dynamo.utils import counters
+
+    from srum_trl.models.janus import TinyJanusSpec, build_tiny_janus
+    from tests.conftest import WORDS
+
+    torch.manual_seed(0)
+    model, processor = build_tiny_janus(WORDS, TinyJanusSpec(num_layers=3), seed=0)
+    backend = JanusBackend(_sharpen(model), processor)
+    options = {"backend": "aot_eager", "fullgraph": True}
+    counters.clear()
+    for config in (GenerationConfig(guidance=3.0, temperature=0.7), GenerationConfig(guidance=1.0, top_k=5)):
+        ref = _reference(backend, PROMPTS, config, 3)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")  # no fallback to the uncompiled pieces
+            got = _fast(backend, PROMPTS, config, 3, sampling="host", compile=options)
+        _assert_same(ref, got, guided=config.guidance != 1.0)
+        if config.guidance != 1.0:
+            assert counters["stats"]["unique_graphs"] == 3  # first, between (all layer pairs), last
+    counters.clear()
+    device_sampler = FastJanusSampler(backend, sampling="device", compile=options)
+    config = GenerationConfig(guidance=3.0, temperature=0.7)
+    compiled = device_sampler(PROMPTS, config, torch.Generator().manual_seed(2))
+    assert counters["stats"]["unique_graphs"] == 1  # the sampling piece; the step pieces are already compiled
+    eager = _fast(backend, PROMPTS, config, 2, sampling="device", compile=False)
+    _assert_same(eager, compiled, guided=True)
+
+
+def test_backend_passes_compile_decode(tiny_janus, dynamo_reset):
+    model, processor = tiny_janus
+    backend = JanusBackend(model.eval(), processor, decode_path="fast", keep_fast_decoder=True)
+    assert backend.compile_decode == "auto"
+    backend.generate(PROMPTS[:2], GenerationConfig(guidance=3.0), seed=0)
+    assert backend._fast_sampler.decoder.compile is False  # "auto" on the CPU
+    backend.compile_decode = {"backend": "aot_eager"}
+    backend.generate(PROMPTS[:2], GenerationConfig(guidance=3.0), seed=0)
+    assert backend._fast_sampler.decoder.compile == {"backend": "aot_eager"}  # a changed setting rebuilds it
+
+
+def test_compile_failure_falls_back_with_a_warning(sharp_backend, monkeypatch):
+    def broken(*args, **kwargs):
+        raise RuntimeError("no compiler")
+
+    pieces = {name: broken for name in fast_module._STEP_FUNCTIONS}
+    monkeypatch.setattr(fast_module, "_step_functions", lambda compile: fast_module._STEP_FUNCTIONS if not compile
+                        else pieces)
+    config = GenerationConfig(guidance=3.0)
+    with pytest.warns(UserWarning, match="continues without compiling"):
+        got = _fast(sharp_backend, PROMPTS, config, 1, compile=True)
+    _assert_same(_reference(sharp_backend, PROMPTS, config, 1), got, guided=True)
+    with pytest.raises(ValueError, match="compile must be"):
+        _fast(sharp_backend, PROMPTS, config, 1, compile="yes")

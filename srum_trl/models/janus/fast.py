@@ -37,6 +37,7 @@ import math
 import warnings
 
 import torch
+from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
 
 __all__ = ["FastJanusDecoder", "FastJanusSampler", "StaticKVCache", "guided_scores"]
 
@@ -63,17 +64,20 @@ def guided_scores(logits: torch.Tensor, guidance: float, temperature: float, top
 class StaticKVCache:
     """Preallocated keys and values of every decoder layer, written in place.
 
-    The decoder layers see it as their `past_key_values`: `update(k, v, layer_idx)` copies the new states into the
-    slots named by `write_index` (a device tensor of cache positions) and returns views of the first `kv_len`
-    slots. The buffers are allocated once and never replaced, so their addresses stay fixed (CUDA-graph safe).
+    One buffer per layer, `[2, rows, kv_heads, length, head_dim]` (keys, then values), so that a decode step writes a
+    layer's new key and value with one `index_copy_`. The decoder layers of the prefill see it as their
+    `past_key_values`: `update(k, v, layer_idx)` copies the new states into the slots named by `write_index` (a
+    device tensor of cache positions) and returns views of the first `kv_len` slots. The buffers are allocated once
+    and never replaced, so their addresses stay fixed (CUDA-graph safe).
     """
 
     is_compileable = True
 
     def __init__(self, num_layers, rows, kv_heads, length, head_dim, dtype, device):
-        shape = (rows, kv_heads, length, head_dim)
-        self.keys = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
-        self.values = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        shape = (2, rows, kv_heads, length, head_dim)
+        self.kv = [torch.zeros(shape, dtype=dtype, device=device) for _ in range(num_layers)]
+        self.keys = [kv[0] for kv in self.kv]
+        self.values = [kv[1] for kv in self.kv]
         self.max_length = length
         self.write_index: torch.Tensor | None = None
         self.kv_len = length
@@ -85,10 +89,171 @@ class StaticKVCache:
         return keys[:, :, : self.kv_len], values[:, :, : self.kv_len]
 
     def data_ptrs(self) -> list[int]:
-        return [t.data_ptr() for t in self.keys + self.values]
+        return [t.data_ptr() for t in self.kv]
 
     def nbytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self.keys + self.values)
+        return sum(t.numel() * t.element_size() for t in self.kv)
+
+
+# --------------------------------------------------------------------------------------- one decode step, in pieces
+# A decode step feeds one token per row through the Llama decoder layers of Janus' language model. It is written
+# here as plain functions of the layers' own submodules (norms, projections, MLP: PEFT/LoRA layers included) so that
+# the pieces between two attentions have fixed shapes: the attention itself, whose key length grows with the step,
+# runs between them. `FastJanusDecoder(compile=True)` runs the pieces through `torch.compile` (each is compiled once
+# and reused by every layer), which fuses the norms, the rotary embedding, the activations and the residual adds.
+def _attention_inputs(layer, hidden, cos, sin):
+    """Pre-attention of one token per row: `(q [rows, heads, 1, d], kv [2, rows, kv_heads, 1, d])`."""
+    attn = layer.self_attn
+    x = layer.input_layernorm(hidden)
+    shape = (hidden.shape[0], 1, -1, attn.head_dim)
+    q = attn.q_proj(x).view(shape).transpose(1, 2)
+    k = attn.k_proj(x).view(shape).transpose(1, 2)
+    v = attn.v_proj(x).view(shape).transpose(1, 2)
+    q, k = apply_rotary_pos_emb(q, k, cos, sin)
+    return q, torch.stack([k, v])
+
+
+def _after_attention(layer, hidden, attn_out):
+    """Output projection, residual, MLP and residual of one token per row (`attn_out`: `[rows, heads, 1, d]`)."""
+    hidden = hidden + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))
+    mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
+    return hidden + mlp.down_proj(mlp.act_fn(mlp.gate_proj(x)) * mlp.up_proj(x))
+
+
+def _step_first(embeddings, aligner, rotary, layer, token, positions):
+    """Image-token embedding of the fed token, rotary tables, and the first layer's attention inputs."""
+    hidden = aligner(embeddings(token))
+    cos, sin = rotary(hidden, positions)
+    q, kv = _attention_inputs(layer, hidden, cos, sin)
+    return hidden, cos, sin, q, kv
+
+
+def _step_between(layer, next_layer, hidden, attn_out, cos, sin):
+    """The rest of `layer` after its attention, then the attention inputs of `next_layer`."""
+    hidden = _after_attention(layer, hidden, attn_out)
+    q, kv = _attention_inputs(next_layer, hidden, cos, sin)
+    return hidden, q, kv
+
+
+def _step_last(layer, norm, head, hidden, attn_out):
+    """The rest of the last layer, the final norm and the generation head: float32 logits `[rows, V]`."""
+    hidden = norm(_after_attention(layer, hidden, attn_out))
+    return head(hidden[:, -1]).float()
+
+
+def _draw(logits, noise, guidance: float, temperature: float, top_k: int | None):
+    """One token per prompt from the float32 logits by the exponential race `argmax(p / E)` (`noise` holds
+    `E ~ Exp(1)`): `(token, log-probability, guidance margin or None)`."""
+    guided_logits, probs, cond, uncond = guided_scores(logits, guidance, temperature, top_k)
+    token = (probs / noise.clamp_min(1e-30)).argmax(-1)
+    return (token, *_token_scores(token, guided_logits, cond, uncond, temperature))
+
+
+def _token_scores(token, guided_logits, cond, uncond, temperature: float):
+    """`(log-probability [B, 1], guidance margin [B, 1] or None)` of the drawn tokens: the log-probability under the
+    guided, temperature-scaled distribution before top-k; the margin `log p_cond - log p_uncond`."""
+    index = token[:, None]
+    logprob = torch.log_softmax(guided_logits / temperature, -1).gather(-1, index)
+    margin = None
+    if cond is not None:
+        margin = torch.log_softmax(cond, -1).gather(-1, index) - torch.log_softmax(uncond, -1).gather(-1, index)
+    return logprob, margin
+
+
+# ------------------------------------------------------------------------------------ LoRA adapters merged for decoding
+class _Modules(torch.nn.Module):
+    """A decoder layer as the decode step sees it: the same attribute paths (`self_attn.q_proj`, `mlp.up_proj`,
+    ...) holding the layer's own norms and activation and, per projection, the module to run."""
+
+    def __init__(self, **children):
+        super().__init__()
+        for name, child in children.items():
+            setattr(self, name, child)
+
+
+def _is_mergeable_lora(module) -> bool:
+    try:
+        from peft.tuners.lora.layer import Linear as LoraLinear
+    except ImportError:  # no PEFT: nothing to merge
+        return False
+    return isinstance(module, LoraLinear) and module.get_base_layer().weight.dtype.is_floating_point
+
+
+class _MergedLoRA:
+    """Plain linear layers with the active (vanilla) LoRA adapters of PEFT layers merged into a copy of the base
+    weight, for decoding: one matmul per projection instead of three plus the adds. `refresh()` merges again in
+    place (same storage, so captured CUDA graphs read the new values); the decoder calls it at every run, so the
+    merged weights follow the training updates of the adapters."""
+
+    def __init__(self):
+        self.pairs: list = []  # (merged nn.Linear, PEFT layer, adapters)
+
+    def projection(self, module):
+        """What the decode step runs for `module`: the module itself, its base layer (adapters off or already
+        merged), or a merged copy."""
+        if not _is_mergeable_lora(module):
+            return module
+        base = module.get_base_layer()
+        if module.disable_adapters or module.merged:
+            return base
+        adapters = [a for a in module.active_adapters if a in module.lora_A.keys()]
+        if not adapters:
+            return base
+        if any(a in module.lora_variant for a in adapters):  # DoRA and other variants: run PEFT's own forward
+            return module
+        merged = torch.nn.Linear(base.in_features, base.out_features, bias=False, device="meta")
+        merged.weight = torch.nn.Parameter(torch.empty_like(base.weight), requires_grad=False)
+        merged.bias = base.bias
+        self.pairs.append((merged, module, adapters))
+        return merged
+
+    @torch.no_grad()
+    def refresh(self) -> None:
+        for merged, module, adapters in self.pairs:
+            weight = module.get_base_layer().weight.float()
+            for adapter in adapters:
+                weight = weight + module.get_delta_weight(adapter).float()
+            merged.weight.copy_(weight)
+
+    def nbytes(self) -> int:
+        return sum(m.weight.numel() * m.weight.element_size() for m, _, _ in self.pairs)
+
+
+def _decode_layers(layers, merge: bool):
+    """The decoder layers as the decode step runs them and their [`_MergedLoRA`] (None without `merge`); the merged
+    weights are filled by its `refresh()`."""
+    if not merge:
+        return list(layers), None
+    merger = _MergedLoRA()
+    views = []
+    for layer in layers:
+        attn, mlp = layer.self_attn, layer.mlp
+        views.append(_Modules(
+            input_layernorm=layer.input_layernorm, post_attention_layernorm=layer.post_attention_layernorm,
+            self_attn=_Modules(head_dim=attn.head_dim, scaling=attn.scaling,
+                               num_key_value_groups=attn.num_key_value_groups,
+                               **{n: merger.projection(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj",
+                                                                                    "o_proj")}),
+            mlp=_Modules(act_fn=mlp.act_fn, **{n: merger.projection(getattr(mlp, n)) for n in ("gate_proj", "up_proj",
+                                                                                             "down_proj")}),
+        ))
+    return views, merger
+
+
+_STEP_FUNCTIONS = {"first": _step_first, "between": _step_between, "last": _step_last, "draw": _draw}
+_COMPILED: dict = {}
+
+
+def _step_functions(compile: bool | dict) -> dict:
+    """The step pieces, eager or compiled. Compiled wrappers are kept per set of options for the process, so that a
+    new decoder (every `generate` call by default) reuses the code compiled by the previous ones."""
+    if not compile:
+        return _STEP_FUNCTIONS
+    options = compile if isinstance(compile, dict) else {}
+    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
+    if key not in _COMPILED:
+        _COMPILED[key] = {name: torch.compile(fn, **options) for name, fn in _STEP_FUNCTIONS.items()}
+    return _COMPILED[key]
 
 
 class _GraphRunner:
@@ -137,6 +302,22 @@ class _GraphRunner:
         return graph
 
 
+def _check_llama_layers(layers) -> None:
+    """The decode step runs Llama decoder layers piece by piece: refuse other layer types early and clearly."""
+    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
+    attention = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "num_key_value_groups")
+    mlp = ("gate_proj", "up_proj", "down_proj", "act_fn")
+    for layer in layers[:1]:
+        missing = [n for n in needed if not hasattr(layer, n)]
+        missing += [f"self_attn.{n}" for n in attention if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
+        missing += [f"mlp.{n}" for n in mlp if hasattr(layer, "mlp") and not hasattr(layer.mlp, n)]
+        if missing:
+            raise ValueError(
+                f"The fast Janus decoder runs Llama decoder layers; {type(layer).__name__} lacks {missing}. "
+                f"Use decode_path='reference'."
+            )
+
+
 class FastJanusDecoder:
     """Static-shape decoder of one batch shape: `batch` prompts (left-padded to `prompt_len` tokens), with or
     without their unconditional rows. Reusable for any batch of the same shape (call [`run`] again).
@@ -148,9 +329,21 @@ class FastJanusDecoder:
         guided: whether rows are cond + uncond (2B rows) or cond only (B rows).
         bucket: attention-length granularity of the decode steps (one CUDA graph per bucket).
         cuda_graphs: capture the step functions in CUDA graphs when the model is on CUDA.
+        compile: run the fixed-shape pieces of a decode step (everything but the attention) and the device sampling
+            through `torch.compile`: "auto" (default: on CUDA only), True, False, or a dict of `torch.compile`
+            keyword arguments. Compiled once per process and reused by every layer and by later decoders; the first
+            call pays the compilation (5 to 10 s on a GPU). If compiling fails, the decoder warns and runs them
+            uncompiled.
+        merge_adapters: run each PEFT LoRA projection of the decode step as one linear layer with its active
+            adapters merged into a copy of the base weight (merged again at every [`run`], so a kept decoder follows
+            the adapters' training), instead of the base matmul plus the adapter's two (default True). Costs the
+            memory of the adapted base weights while the decoder lives. Adapters that are off, or already merged,
+            run as the base layer; DoRA and other LoRA variants keep PEFT's forward. The prefill always runs
+            PEFT's layers.
     """
 
-    def __init__(self, backend, batch: int, prompt_len: int, guided: bool, bucket: int = 64, cuda_graphs: bool = True):
+    def __init__(self, backend, batch: int, prompt_len: int, guided: bool, bucket: int = 64, cuda_graphs: bool = True,
+                 compile: bool | dict | str = "auto", merge_adapters: bool = True):
         core = backend.core
         lm = core.model.language_model
         config = lm.config
@@ -161,10 +354,20 @@ class FastJanusDecoder:
                 f"additive 4D mask); got {attn!r}. Load the model with attn_implementation='sdpa' or use "
                 f"decode_path='reference'."
             )
-        param = next(lm.parameters())
-        self.device, self.dtype = param.device, param.dtype
         self.core, self.lm = core, lm
         self.layers = list(lm.layers[: config.num_hidden_layers])
+        _check_llama_layers(self.layers)
+        self.step_layers, self.merged = _decode_layers(self.layers, merge_adapters)
+        param = next(lm.parameters())
+        self.device, self.dtype = param.device, param.dtype
+        if compile == "auto":
+            compile = self.device.type == "cuda"
+        elif not isinstance(compile, (bool, dict)):
+            raise ValueError(f"compile must be 'auto', True, False or a dict of torch.compile options; got {compile!r}.")
+        self.compile = compile
+        self.fns = _step_functions(compile)
+        self.kv_groups = self.layers[0].self_attn.num_key_value_groups
+        self.scaling = self.layers[0].self_attn.scaling
         self.batch, self.prompt_len, self.guided = batch, prompt_len, guided
         self.rows = 2 * batch if guided else batch
         self.num_tokens = backend.num_image_tokens
@@ -226,45 +429,65 @@ class FastJanusDecoder:
         self.mask.fill_(self.min_value)
         self.mask[:, 0, 0, :length].masked_fill_(keep, 0.0)
 
+    def _attend(self, index: int, q, kv, slot, mask, kv_len: int):
+        """Write layer `index`'s new key and value at `slot`; attend to the first `kv_len` slots."""
+        cache = self.cache.kv[index]
+        cache.index_copy_(3, slot, kv)
+        keys, values = cache[0, :, :, :kv_len], cache[1, :, :, :kv_len]
+        if self.kv_groups > 1:
+            keys, values = repeat_kv(keys, self.kv_groups), repeat_kv(values, self.kv_groups)
+        return torch.nn.functional.scaled_dot_product_attention(q, keys, values, attn_mask=mask, scale=self.scaling)
+
     def forward(self, kv_len: int) -> None:
         """Decode step `self.step` (>= 1): feed `token_in` at its slot and position, logits to `self.logits`.
         Fixed shapes for a given `kv_len`; idempotent (re-running it writes the same values)."""
+        fns, layers, model = self.fns, self.step_layers, self.core.model
         slot = self.slot0 + self.step
         self.mask.index_fill_(-1, slot, 0.0)
+        mask = self.mask[..., :kv_len]
         positions = (self.last_pos + self.step)[:, None]
-        hidden = self.core.prepare_embeddings_for_image_generation(self.token_in[:, None])
-        self.cache.write_index = slot
-        self.cache.kv_len = kv_len
-        hidden = self._layers(hidden, self.mask[..., :kv_len], positions)
-        self.logits.copy_(self.core.model.generation_head(hidden[:, -1]).float())
+        hidden, cos, sin, q, kv = fns["first"](model.generation_embeddings, model.generation_aligner,
+                                              self.lm.rotary_emb, layers[0], self.token_in[:, None], positions)
+        for i, layer in enumerate(layers[:-1]):
+            attn_out = self._attend(i, q, kv, slot, mask, kv_len)
+            hidden, q, kv = fns["between"](layer, layers[i + 1], hidden, attn_out, cos, sin)
+        attn_out = self._attend(len(layers) - 1, q, kv, slot, mask, kv_len)
+        self.logits.copy_(fns["last"](layers[-1], self.lm.norm, model.generation_head, hidden, attn_out))
 
-    def _record(self, token, guided_logits, cond, uncond, temperature) -> None:
-        """Store token `self.step`, its log-probability and guidance margin; feed it to the next forward."""
+    def _record(self, token, logprob, margin) -> None:
+        """Store token `self.step`, its log-probability `[B, 1]` and guidance margin `[B, 1]` (or None); feed the
+        token to the next forward."""
         column = self.step
-        index = token[:, None]
-        self.tokens.index_copy_(1, column, index)
-        logprob = torch.log_softmax(guided_logits / temperature, -1).gather(-1, index)
+        self.tokens.index_copy_(1, column, token[:, None])
         self.logprobs.index_copy_(1, column, logprob)
-        if cond is not None:
-            lp_c = torch.log_softmax(cond, -1).gather(-1, index)
-            lp_u = torch.log_softmax(uncond, -1).gather(-1, index)
-            self.margins.index_copy_(1, column, lp_c - lp_u)
+        if margin is not None:
+            self.margins.index_copy_(1, column, margin)
         self.token_in.copy_(token.repeat(2) if self.guided else token)
 
     def sample_on_device(self, guidance: float, temperature: float, top_k: int | None) -> None:
         """Sample token `self.step` from `self.logits` with the exponential race `argmax(p / E)`, `E ~ Exp(1)` in
         `self.noise` (equivalent to sampling from `p`; Gumbel-max). No host synchronisation; idempotent."""
-        logits, probs, cond, uncond = guided_scores(self.logits, guidance, temperature, top_k)
-        token = (probs / self.noise.clamp_min(1e-30)).argmax(-1)
-        self._record(token, logits, cond, uncond, temperature)
+        self._record(*self.fns["draw"](self.logits, self.noise, guidance, temperature, top_k))
 
     def sample_on_host(self, guidance, temperature, top_k, generator: torch.Generator) -> None:
         """Sample token `self.step` exactly as the reference does (CPU generator, multinomial on CPU probs)."""
         logits, probs, cond, uncond = guided_scores(self.logits, guidance, temperature, top_k)
         token = torch.multinomial(probs.cpu(), 1, generator=generator).squeeze(-1).to(self.device)
-        self._record(token, logits, cond, uncond, temperature)
+        self._record(token, *_token_scores(token, logits, cond, uncond, temperature))
 
     # ------------------------------------------------------------------------------------------------------ loop
+    def _run_step(self, key, fn) -> None:
+        """`fn` through the graph runner; if compiling the step pieces fails, warn once and go on uncompiled."""
+        try:
+            self.graphs(key, fn)
+        except Exception as error:  # noqa: BLE001 - torch.compile failures vary (no Triton, no compiler, ...)
+            if self.fns is _STEP_FUNCTIONS:
+                raise
+            warnings.warn(f"torch.compile of the fast Janus decode step failed ({error!r}); the decoder continues "
+                          f"without compiling it (set compile=False to skip the attempt).")
+            self.fns = _STEP_FUNCTIONS
+            self.graphs(key, fn)
+
     def run(self, ids, mask, config, generator: torch.Generator, device_generator: torch.Generator | None = None,
             step_callback=None):
         """Decode one batch: `(tokens [B, N], guidance margin [B], logprobs [B, N])`, on the model's device.
@@ -274,16 +497,18 @@ class FastJanusDecoder:
         if (config.guidance != 1.0) != self.guided:
             raise ValueError("the decoder's guided flag does not match config.guidance")
         guidance, temperature, top_k = float(config.guidance), float(config.temperature), config.top_k
+        if self.merged is not None:
+            self.merged.refresh()
         self.prefill(ids, mask)
         sample_key = ("sample", guidance, temperature, top_k)
         for i in range(self.num_tokens):
             self.step.fill_(i)
             if i > 0:
                 kv_len = self.kv_len(i)
-                self.graphs(("forward", kv_len), lambda kv_len=kv_len: self.forward(kv_len))
+                self._run_step(("forward", kv_len), lambda kv_len=kv_len: self.forward(kv_len))
             if device_generator is not None:
                 self.noise.exponential_(generator=device_generator)
-                self.graphs(sample_key, lambda: self.sample_on_device(guidance, temperature, top_k))
+                self._run_step(sample_key, lambda: self.sample_on_device(guidance, temperature, top_k))
             else:
                 self.sample_on_host(guidance, temperature, top_k, generator)
             if step_callback is not None:
@@ -310,10 +535,15 @@ class FastJanusSampler:
         cuda_graphs: capture the step functions in CUDA graphs on CUDA (eager otherwise).
         bucket: attention-length granularity of decode steps.
         pad_multiple: prompt lengths are rounded up to a multiple of this.
+        compile: run the fixed-shape pieces of a decode step and the device sampling through `torch.compile`
+            ("auto": on CUDA only; True; False; or a dict of `torch.compile` keyword arguments); see
+            [`FastJanusDecoder`].
+        merge_adapters: decode with PEFT LoRA adapters merged into copies of the adapted weights (default True);
+            see [`FastJanusDecoder`].
     """
 
     def __init__(self, backend, sampling: str = "auto", cuda_graphs: bool = True, bucket: int = 64,
-                 pad_multiple: int = 32):
+                 pad_multiple: int = 32, compile: bool | dict | str = "auto", merge_adapters: bool = True):
         if sampling not in ("auto", "host", "device"):
             raise ValueError(f"sampling must be 'auto', 'host' or 'device', got {sampling!r}.")
         self.backend = backend
@@ -321,6 +551,8 @@ class FastJanusSampler:
         self.cuda_graphs = cuda_graphs
         self.bucket = bucket
         self.pad_multiple = pad_multiple
+        self.compile = compile
+        self.merge_adapters = merge_adapters
         self.decoder: FastJanusDecoder | None = None
         self.decoders_built = 0
         self._device_generator = None
@@ -339,7 +571,8 @@ class FastJanusSampler:
         if self.decoder is None or self.decoder.key != (batch, prompt_len, guided):
             self.decoder = None  # release the old buffers and graphs before allocating new ones
             self.decoder = FastJanusDecoder(self.backend, batch, prompt_len, guided, bucket=self.bucket,
-                                            cuda_graphs=self.cuda_graphs)
+                                            cuda_graphs=self.cuda_graphs, compile=self.compile,
+                                            merge_adapters=self.merge_adapters)
             self.decoders_built += 1
         return self.decoder
 
