@@ -46,7 +46,7 @@ def main(argv=None) -> dict:
     for keep in (False, True):
         backend = janus.JanusBackend(model, processor, decode_path="fast", keep_fast_decoder=keep)
         for call in range(args.calls):
-            rollout, seconds = timed_call(lambda: backend.generate(prompts, config, seed=call), device)
+            rollout, seconds = timed_call(lambda b=backend, c=call: b.generate(prompts, config, seed=c), device)
             tokens[(keep, call)] = rollout.tokens
             rows.append({"keep_fast_decoder": keep, "call": call + 1, "seconds": round(seconds, 3),
                          "images_per_s": round(batch / seconds, 2)})
