@@ -372,7 +372,8 @@ def guarded(fn):
 FAST_OPTIONS = dict(fast=dict(), fast_nocompile=dict(compile=False),
                     fast_autotune=dict(compile=dict(mode="max-autotune-no-cudagraphs")),
                     fast_host=dict(sampling="host"), fast_eager=dict(cuda_graphs=False),
-                    fast_unmerged=dict(merge_adapters=False))
+                    fast_unmerged=dict(merge_adapters=False), fast_fused=dict(fuse_projections=True),
+                    fast_unfused=dict(fuse_projections=False))
 
 
 def main(argv=None):
@@ -385,8 +386,9 @@ def main(argv=None):
                         help="comma-separated: transformers, reference, fast (library defaults: on CUDA its step "
                              "pieces go through torch.compile), fast_nocompile (compile=False), fast_autotune (with "
                              "inductor's max-autotune GEMMs), fast_host (with the reference's CPU sampling), "
-                             "fast_eager (without CUDA graphs), fast_unmerged (with --lora: the adapters run as PEFT's "
-                             "layers instead of merged)")
+                             "fast_eager (without CUDA graphs), fast_fused (q/k/v and gate/up fused over weight "
+                             "copies, also without adapters), fast_unfused (never fused), fast_unmerged (with --lora: "
+                             "the adapters run as PEFT's layers instead of merged)")
     parser.add_argument("--lora", type=int, default=0,
                         help="wrap the model in a PEFT LoRA adapter of this rank on the language model's projections "
                              "(the trainers' default targets), as during training; 0: no adapter")

@@ -185,11 +185,14 @@ def test_exponential_race_samples_the_distribution(sharp_backend):
             assert (counts[probs[0] == 0] == 0).all()
 
 
-def _lora_backend(tiny_janus, **lora_kwargs):
+PARTIAL_TARGETS = r".*language_model.*\.(q_proj|v_proj|up_proj|down_proj)"
+ALL_TARGETS = r".*language_model.*\.(q_proj|k_proj|v_proj|o_proj|gate_proj|up_proj|down_proj)"
+
+
+def _lora_backend(tiny_janus, targets=PARTIAL_TARGETS, **lora_kwargs):
     peft = pytest.importorskip("peft")
     model, processor = tiny_janus
-    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False,
-                           target_modules=r".*language_model.*\.(q_proj|v_proj|up_proj|down_proj)", **lora_kwargs)
+    lora = peft.LoraConfig(r=4, lora_alpha=8, init_lora_weights=False, target_modules=targets, **lora_kwargs)
     return peft.get_peft_model(_sharpen(model), lora), processor
 
 
@@ -208,15 +211,20 @@ def test_eager_attention_and_lora(tiny_janus, merge):
                      _fast(backend, PROMPTS, config, 9, merge_adapters=merge), guided=True)
 
 
-def test_merged_adapters_follow_training_updates(tiny_janus):
+@pytest.mark.parametrize("targets", [PARTIAL_TARGETS, ALL_TARGETS])
+def test_merged_adapters_follow_training_updates(tiny_janus, targets):
     """A kept decoder merges the adapters again at every call: after an in-place update of the LoRA weights (what an
-    optimizer step does) it draws the tokens of the updated model, not of the weights it merged first."""
-    wrapped, processor = _lora_backend(tiny_janus)
+    optimizer step does) it draws the tokens of the updated model, not of the weights it merged first. With every
+    projection adapted, q/k/v and gate/up are also fused ("auto"): their slices follow the updates too."""
+    wrapped, processor = _lora_backend(tiny_janus, targets)
     backend = JanusBackend(wrapped, processor, decode_path="fast", keep_fast_decoder=True)
     config = GenerationConfig(guidance=3.0, temperature=0.7)
     first = backend.generate(PROMPTS, config, seed=4)
     decoder = backend._fast_sampler.decoder
-    assert decoder.merged is not None and len(decoder.merged.pairs) == 2 * 4  # 4 adapted projections x 2 layers
+    fused = targets == ALL_TARGETS
+    assert len(decoder.weights.parts) == 2 * (7 if fused else 4)  # merged projections x 2 layers
+    view = decoder.step_layers[0]
+    assert hasattr(view.self_attn, "qkv_proj") == fused == hasattr(view.mlp, "gate_up_proj")
     with torch.no_grad():
         for name, param in wrapped.named_parameters():
             if "lora_B" in name:
@@ -234,7 +242,7 @@ def test_lora_variants_keep_peft_forward(tiny_janus):
     config = GenerationConfig(guidance=3.0, temperature=0.7)
     sampler = FastJanusSampler(backend)
     got = sampler(PROMPTS, config, torch.Generator().manual_seed(6))
-    assert sampler.decoder.merged.pairs == []
+    assert sampler.decoder.weights.parts == []
     assert sampler.decoder.step_layers[0].self_attn.q_proj is sampler.decoder.layers[0].self_attn.q_proj
     _assert_same(_reference(backend, PROMPTS, config, 6), got, guided=True)
 
@@ -416,3 +424,24 @@ def test_compile_failure_falls_back_with_a_warning(sharp_backend, monkeypatch):
     _assert_same(_reference(sharp_backend, PROMPTS, config, 1), got, guided=True)
     with pytest.raises(ValueError, match="compile must be"):
         _fast(sharp_backend, PROMPTS, config, 1, compile="yes")
+
+
+def test_fused_projections_draw_the_reference_tokens(sharp_backend):
+    """`fuse_projections=True` runs q/k/v and gate/up as one matmul each over copies of the weights, also without
+    adapters; the tokens stay the reference's. Without `merge_adapters` the layers run as they are."""
+    config = GenerationConfig(guidance=3.0, temperature=0.7, top_k=5)
+    sampler = FastJanusSampler(sharp_backend, fuse_projections=True)
+    got = sampler(PROMPTS, config, torch.Generator().manual_seed(8))
+    view, layer = sampler.decoder.step_layers[0], sampler.decoder.layers[0]
+    assert view.self_attn.qkv_sizes == (layer.self_attn.q_proj.out_features,) * 3
+    assert view.mlp.gate_up_proj.weight.shape[0] == 2 * layer.mlp.up_proj.out_features
+    assert view.self_attn.o_proj is layer.self_attn.o_proj  # plain projections are not copied
+    _assert_same(_reference(sharp_backend, PROMPTS, config, 8), got, guided=True)
+    auto = FastJanusSampler(sharp_backend)  # "auto" without adapters: nothing to merge, nothing fused
+    auto(PROMPTS, config, torch.Generator().manual_seed(8))
+    assert auto.decoder.weights.parts == [] and auto.decoder.step_layers[0].self_attn.q_proj is layer.self_attn.q_proj
+    unmerged = FastJanusSampler(sharp_backend, merge_adapters=False, fuse_projections=True)
+    unmerged(PROMPTS, config, torch.Generator().manual_seed(8))
+    assert unmerged.decoder.step_layers[0] is layer
+    with pytest.raises(ValueError, match="fuse_projections must be"):
+        FastJanusSampler(sharp_backend, fuse_projections="yes")(PROMPTS, config, torch.Generator())

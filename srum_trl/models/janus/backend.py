@@ -71,6 +71,10 @@ class JanusBackend(UMMBackend):
             [`generate`] call (default True): rollouts during LoRA training then cost what they cost without an
             adapter, for the memory of the adapted weights while the decoder lives. False runs PEFT's layers.
             Settable on the class or on one backend.
+        fuse_projections_for_decode: with `decode_path="fast"` and merged adapters, run each layer's q/k/v and
+            gate/up projections as one linear layer each over copies of their weights: "auto" (default) when every
+            projection of the group carries a LoRA adapter (the copies exist anyway), True always (a copy of about
+            75% of the decoder weights without adapters), False never. Settable on the class or on one backend.
         accepts_pixel_views: [`yes_probability`] and [`answer`] take a [`PixelViews`] (rows as views, whole or
             cropped, of images on the device) in place of a list of PIL images (True for this backend).
     """
@@ -82,6 +86,7 @@ class JanusBackend(UMMBackend):
     compile_understanding: bool | dict = False
     compile_decode: bool | dict | str = "auto"
     merge_adapters_for_decode = True
+    fuse_projections_for_decode: bool | str = "auto"
 
     def __init__(
         self,
@@ -274,11 +279,12 @@ class JanusBackend(UMMBackend):
     def _new_fast_sampler(self):
         from .fast import FastJanusSampler
 
-        return FastJanusSampler(self, compile=self.compile_decode, merge_adapters=self.merge_adapters_for_decode)
+        return FastJanusSampler(self, compile=self.compile_decode, merge_adapters=self.merge_adapters_for_decode,
+                                fuse_projections=self.fuse_projections_for_decode)
 
     def _fast_decoder_key(self) -> tuple:
         """What a captured decode step depends on besides its buffers: the parameters' storage, the PEFT adapters'
-        on/off state, the autocast state, `compile_decode` and `merge_adapters_for_decode`."""
+        on/off state, the autocast state and the `*_decode` attributes."""
         params = tuple((p.data_ptr(), p.dtype, p.device) for p in self.model.parameters())
         try:
             from peft.tuners.tuners_utils import BaseTunerLayer
@@ -293,7 +299,8 @@ class JanusBackend(UMMBackend):
             autocast = torch.is_autocast_enabled(self.device.type), torch.get_autocast_dtype(self.device.type)
         except (AttributeError, RuntimeError, TypeError):  # older torch: no per-device query
             autocast = torch.is_autocast_enabled(), None
-        return params, adapters, autocast, repr(self.compile_decode), self.merge_adapters_for_decode
+        return (params, adapters, autocast, repr(self.compile_decode), self.merge_adapters_for_decode,
+                self.fuse_projections_for_decode)
 
     def _sample(self, prompts, config: GenerationConfig, generator: torch.Generator):
         core = self.core
