@@ -5,7 +5,7 @@ and the position ids every token, runs the whole `LlamaModel.forward` (mask cons
 ...) and moves the probabilities to the CPU to sample. On a GPU its time is dominated by host work, not by the
 memory traffic that a decode step really needs. This module decodes the same tokens with:
 
-* one preallocated K/V buffer per layer, `[rows, kv_heads, length, head_dim]`, sized once for the cond + uncond
+* one preallocated K/V buffer per layer, `[2, rows, kv_heads, length, head_dim]`, sized once for the cond + uncond
   rows (2B with guidance, B without) and `prompt + image tokens`, written in place with `index_copy_` at a
   cache-position tensor ([`StaticKVCache`]);
 * a fixed-size additive attention mask `[rows, 1, 1, length]` that each step unmasks in place (`index_fill_`);
@@ -18,6 +18,10 @@ memory traffic that a decode step really needs. This module decodes the same tok
 * attention over a length bucket: step `i` attends to the first `round_up(prompt + i, bucket)` cache slots (a
   view of the static buffer), so the K/V bytes read grow with the sequence instead of always being the full length;
   one graph per bucket.
+* the decoder layers run piece by piece between the attentions (`decode_step.py`): on CUDA the
+  pieces go through `torch.compile` (compiled once per process, shared by all layers), PEFT LoRA projections run as
+  copies of their weights with the adapters merged in, and q/k/v and gate/up can be fused into one matmul each
+  ([`_DecodeWeights`]).
 
 Sampling modes: `"host"` reproduces the reference's random-number use exactly (a CPU `torch.Generator`,
 `torch.multinomial(probs.cpu(), 1)` per step), so that with the same seed the tokens equal the reference's (up to
@@ -26,9 +30,10 @@ synchronises with the host every token. `"device"` never synchronises: the noise
 device generator seeded from the CPU generator, so runs are reproducible for a seed but draw other tokens than the
 reference. `"auto"` (default) is host on the CPU and device on CUDA.
 
-Graphs and buffers live as long as one [`FastJanusSampler`], i.e. one `JanusBackend.generate` call: they are
-rebuilt when the batch shape changes and released afterwards, so they never hold memory during training and never
-replay a stale adapter state (a PEFT adapter disabled or enabled between calls changes the captured kernels).
+Graphs and buffers live as long as one [`FastJanusSampler`], i.e. one `JanusBackend.generate` call (unless the
+backend keeps it): they are rebuilt when the batch shape changes and released afterwards, so they never hold memory
+during training and never replay a stale adapter state (a PEFT adapter disabled or enabled between calls changes the
+captured kernels; merged weight copies are written again at every call).
 """
 
 from __future__ import annotations
@@ -37,28 +42,16 @@ import math
 import warnings
 
 import torch
-from transformers.models.llama.modeling_llama import apply_rotary_pos_emb, repeat_kv
+from transformers.models.llama.modeling_llama import repeat_kv
+
+from .decode_step import _STEP_FUNCTIONS, _check_llama_layers, _decode_layers, _step_functions, _token_scores
+from .decode_step import guided_scores
 
 __all__ = ["FastJanusDecoder", "FastJanusSampler", "StaticKVCache", "guided_scores"]
 
 
 def _round_up(n: int, multiple: int) -> int:
     return -(-n // multiple) * multiple
-
-
-def guided_scores(logits: torch.Tensor, guidance: float, temperature: float, top_k: int | None):
-    """`(guided_logits, probs, cond, uncond)` of the float32 logits `[rows, V]`, with the reference's operations in
-    the reference's order: `u + w (c - u)`, `/ temperature`, top-k cut to `-inf`, softmax. Without guidance `cond`
-    and `uncond` are `None` and the logits are used as they are."""
-    cond = uncond = None
-    if guidance != 1.0:
-        cond, uncond = logits.chunk(2)
-        logits = uncond + guidance * (cond - uncond)
-    scores = logits / temperature
-    if top_k is not None:
-        kth = torch.topk(scores, top_k, dim=-1).values[:, -1:]
-        scores = scores.masked_fill(scores < kth, float("-inf"))
-    return logits, torch.softmax(scores, dim=-1), cond, uncond
 
 
 class StaticKVCache:
@@ -93,230 +86,6 @@ class StaticKVCache:
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.kv)
-
-
-# --------------------------------------------------------------------------------------- one decode step, in pieces
-# A decode step feeds one token per row through the Llama decoder layers of Janus' language model. It is written
-# here as plain functions of the layers' own submodules (norms, projections, MLP: PEFT/LoRA layers included) so that
-# the pieces between two attentions have fixed shapes: the attention itself, whose key length grows with the step,
-# runs between them. `FastJanusDecoder(compile=True)` runs the pieces through `torch.compile` (each is compiled once
-# and reused by every layer), which fuses the norms, the rotary embedding, the activations and the residual adds.
-def _attention_inputs(layer, hidden, cos, sin):
-    """Pre-attention of one token per row: `(q [rows, heads, 1, d], kv [2, rows, kv_heads, 1, d])`."""
-    attn = layer.self_attn
-    x = layer.input_layernorm(hidden)
-    shape = (hidden.shape[0], 1, -1, attn.head_dim)
-    if hasattr(attn, "qkv_proj"):  # fused projections (`_DecodeWeights`)
-        q, k, v = attn.qkv_proj(x).split(attn.qkv_sizes, dim=-1)
-    else:
-        q, k, v = attn.q_proj(x), attn.k_proj(x), attn.v_proj(x)
-    q, k, v = (t.view(shape).transpose(1, 2) for t in (q, k, v))
-    q, k = apply_rotary_pos_emb(q, k, cos, sin)
-    return q, torch.stack([k, v])
-
-
-def _after_attention(layer, hidden, attn_out):
-    """Output projection, residual, MLP and residual of one token per row (`attn_out`: `[rows, heads, 1, d]`)."""
-    hidden = hidden + layer.self_attn.o_proj(attn_out.transpose(1, 2).reshape(hidden.shape[0], 1, -1))
-    mlp, x = layer.mlp, layer.post_attention_layernorm(hidden)
-    if hasattr(mlp, "gate_up_proj"):  # fused projections (`_DecodeWeights`)
-        gate, up = mlp.gate_up_proj(x).chunk(2, dim=-1)
-    else:
-        gate, up = mlp.gate_proj(x), mlp.up_proj(x)
-    return hidden + mlp.down_proj(mlp.act_fn(gate) * up)
-
-
-def _step_first(embeddings, aligner, rotary, layer, token, positions):
-    """Image-token embedding of the fed token, rotary tables, and the first layer's attention inputs."""
-    hidden = aligner(embeddings(token))
-    cos, sin = rotary(hidden, positions)
-    q, kv = _attention_inputs(layer, hidden, cos, sin)
-    return hidden, cos, sin, q, kv
-
-
-def _step_between(layer, next_layer, hidden, attn_out, cos, sin):
-    """The rest of `layer` after its attention, then the attention inputs of `next_layer`."""
-    hidden = _after_attention(layer, hidden, attn_out)
-    q, kv = _attention_inputs(next_layer, hidden, cos, sin)
-    return hidden, q, kv
-
-
-def _step_last(layer, norm, head, hidden, attn_out):
-    """The rest of the last layer, the final norm and the generation head: float32 logits `[rows, V]`."""
-    hidden = norm(_after_attention(layer, hidden, attn_out))
-    return head(hidden[:, -1]).float()
-
-
-def _draw(logits, noise, guidance: float, temperature: float, top_k: int | None):
-    """One token per prompt from the float32 logits by the exponential race `argmax(p / E)` (`noise` holds
-    `E ~ Exp(1)`): `(token, log-probability, guidance margin or None)`."""
-    guided_logits, probs, cond, uncond = guided_scores(logits, guidance, temperature, top_k)
-    token = (probs / noise.clamp_min(1e-30)).argmax(-1)
-    return (token, *_token_scores(token, guided_logits, cond, uncond, temperature))
-
-
-def _token_scores(token, guided_logits, cond, uncond, temperature: float):
-    """`(log-probability [B, 1], guidance margin [B, 1] or None)` of the drawn tokens: the log-probability under the
-    guided, temperature-scaled distribution before top-k; the margin `log p_cond - log p_uncond`."""
-    index = token[:, None]
-    logprob = torch.log_softmax(guided_logits / temperature, -1).gather(-1, index)
-    margin = None
-    if cond is not None:
-        margin = torch.log_softmax(cond, -1).gather(-1, index) - torch.log_softmax(uncond, -1).gather(-1, index)
-    return logprob, margin
-
-
-# ---------------------------------------------------------------- the weights a decode step reads: merged LoRA, fused
-class _Modules(torch.nn.Module):
-    """A decoder layer as the decode step sees it: the same attribute paths (`self_attn.q_proj`, `mlp.up_proj`,
-    ...) holding the layer's own norms and activation and, per projection, the module to run; or, fused,
-    `self_attn.qkv_proj` (with `qkv_sizes`) and `mlp.gate_up_proj`."""
-
-    def __init__(self, **children):
-        super().__init__()
-        for name, child in children.items():
-            setattr(self, name, child)
-
-
-def _weight_source(module):
-    """`(base nn.Linear, adapters to merge)` when the decode step can read `module` as a plain weight (a plain
-    `nn.Linear`, or a PEFT LoRA layer with vanilla adapters, which merge into it); None when it must run as is
-    (DoRA and other LoRA variants, quantized or custom layers)."""
-    try:
-        from peft.tuners.lora.layer import Linear as LoraLinear
-    except ImportError:  # no PEFT: no adapter layers
-        LoraLinear = ()
-    if isinstance(module, LoraLinear):
-        base = module.get_base_layer()
-        if type(base) is not torch.nn.Linear or not base.weight.dtype.is_floating_point:
-            return None
-        if module.disable_adapters or module.merged:
-            return base, []
-        adapters = [a for a in module.active_adapters if a in module.lora_A.keys()]
-        if any(a in module.lora_variant for a in adapters):
-            return None
-        return base, adapters
-    return (module, []) if type(module) is torch.nn.Linear else None
-
-
-def _linear(in_features: int, weight: torch.Tensor, bias=None) -> torch.nn.Linear:
-    linear = torch.nn.Linear(in_features, weight.shape[0], bias=False, device="meta")
-    linear.weight = torch.nn.Parameter(weight, requires_grad=False)
-    linear.bias = bias
-    return linear
-
-
-class _DecodeWeights:
-    """Weights that the decode step reads instead of the model's projections, written by `refresh()`:
-
-    * a PEFT LoRA projection becomes one linear layer whose weight is a copy of the base weight with the active
-      (vanilla) adapters merged in: one matmul instead of three plus the adds;
-    * with fusion, the q/k/v projections of a layer become one `[q + k + v, hidden]` linear layer, and gate/up one
-      `[2 x intermediate, hidden]` layer (each slice the projection's weight, adapters merged): fewer, larger
-      matmuls, which read the weights closer to the memory bandwidth at decoding batch sizes.
-
-    `refresh()` writes every copy again in place (same storage, so captured CUDA graphs read the new values); the
-    decoder calls it at every run, so the copies follow the training updates of the adapters. `parts` lists
-    `(destination, module, base, adapters)`."""
-
-    def __init__(self, fuse: bool | str):
-        self.fuse = fuse
-        self.parts: list = []
-
-    def projection(self, module):
-        """What the decode step runs for `module`: the module itself, its base layer (no adapter to apply), or a
-        merged copy."""
-        source = _weight_source(module)
-        if source is None:
-            return module
-        base, adapters = source
-        if not adapters:
-            return base
-        merged = _linear(base.in_features, torch.empty_like(base.weight), base.bias)
-        self.parts.append((merged.weight, module, base, adapters))
-        return merged
-
-    def fused(self, modules):
-        """One linear layer for `modules` (same input), or None when they are not fused: fusion off, a module that
-        must run as is, a bias, or (with fusion "auto") a plain projection that a fused copy would duplicate."""
-        sources = [_weight_source(m) for m in modules]
-        if not self.fuse or any(s is None or s[0].bias is not None for s in sources):
-            return None
-        if self.fuse == "auto" and not all(adapters for _, adapters in sources):
-            return None
-        bases = [base for base, _ in sources]
-        weight = torch.empty(sum(b.out_features for b in bases), bases[0].in_features, dtype=bases[0].weight.dtype,
-                             device=bases[0].weight.device)
-        start = 0
-        for module, (base, adapters) in zip(modules, sources):
-            self.parts.append((weight[start : start + base.out_features], module, base, adapters))
-            start += base.out_features
-        return _linear(bases[0].in_features, weight)
-
-    @torch.no_grad()
-    def refresh(self) -> None:
-        for destination, module, base, adapters in self.parts:
-            if not adapters:
-                destination.copy_(base.weight)
-                continue
-            weight = base.weight.float()
-            for adapter in adapters:
-                weight = weight + module.get_delta_weight(adapter).float()
-            destination.copy_(weight)
-
-    def nbytes(self) -> int:
-        return sum(d.numel() * d.element_size() for d, _, _, _ in self.parts)
-
-
-def _decode_layers(layers, merge: bool, fuse: bool | str):
-    """The decoder layers as the decode step runs them and their [`_DecodeWeights`] (None without `merge`: the
-    layers run as they are); the copies are written by its `refresh()`."""
-    if not merge:
-        return list(layers), None
-    weights = _DecodeWeights(fuse)
-    views = []
-    for layer in layers:
-        attn, mlp = layer.self_attn, layer.mlp
-        qkv = weights.fused([attn.q_proj, attn.k_proj, attn.v_proj])
-        if qkv is not None:
-            projections = dict(qkv_proj=qkv, qkv_sizes=tuple(_out_features(getattr(attn, n))
-                                                            for n in ("q_proj", "k_proj", "v_proj")))
-        else:
-            projections = {n: weights.projection(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")}
-        gate_up = weights.fused([mlp.gate_proj, mlp.up_proj])
-        if gate_up is not None:
-            mlp_projections = dict(gate_up_proj=gate_up)
-        else:
-            mlp_projections = {n: weights.projection(getattr(mlp, n)) for n in ("gate_proj", "up_proj")}
-        views.append(_Modules(
-            input_layernorm=layer.input_layernorm, post_attention_layernorm=layer.post_attention_layernorm,
-            self_attn=_Modules(head_dim=attn.head_dim, scaling=attn.scaling,
-                               num_key_value_groups=attn.num_key_value_groups, o_proj=weights.projection(attn.o_proj),
-                               **projections),
-            mlp=_Modules(act_fn=mlp.act_fn, down_proj=weights.projection(mlp.down_proj), **mlp_projections),
-        ))
-    return views, weights
-
-
-def _out_features(module) -> int:
-    source = _weight_source(module)
-    return source[0].out_features
-
-
-_STEP_FUNCTIONS = {"first": _step_first, "between": _step_between, "last": _step_last, "draw": _draw}
-_COMPILED: dict = {}
-
-
-def _step_functions(compile: bool | dict) -> dict:
-    """The step pieces, eager or compiled. Compiled wrappers are kept per set of options for the process, so that a
-    new decoder (every `generate` call by default) reuses the code compiled by the previous ones."""
-    if not compile:
-        return _STEP_FUNCTIONS
-    options = compile if isinstance(compile, dict) else {}
-    key = tuple(sorted((k, repr(v)) for k, v in options.items()))
-    if key not in _COMPILED:
-        _COMPILED[key] = {name: torch.compile(fn, **options) for name, fn in _STEP_FUNCTIONS.items()}
-    return _COMPILED[key]
 
 
 class _GraphRunner:
@@ -363,22 +132,6 @@ class _GraphRunner:
             return None
         self.captures += 1
         return graph
-
-
-def _check_llama_layers(layers) -> None:
-    """The decode step runs Llama decoder layers piece by piece: refuse other layer types early and clearly."""
-    needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
-    attention = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "num_key_value_groups")
-    mlp = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    for layer in layers[:1]:
-        missing = [n for n in needed if not hasattr(layer, n)]
-        missing += [f"self_attn.{n}" for n in attention if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
-        missing += [f"mlp.{n}" for n in mlp if hasattr(layer, "mlp") and not hasattr(layer.mlp, n)]
-        if missing:
-            raise ValueError(
-                f"The fast Janus decoder runs Llama decoder layers; {type(layer).__name__} lacks {missing}. "
-                f"Use decode_path='reference'."
-            )
 
 
 class FastJanusDecoder:
