@@ -445,3 +445,11 @@ def test_fused_projections_draw_the_reference_tokens(sharp_backend):
     assert unmerged.decoder.step_layers[0] is layer
     with pytest.raises(ValueError, match="fuse_projections must be"):
         FastJanusSampler(sharp_backend, fuse_projections="yes")(PROMPTS, config, torch.Generator())
+
+
+def test_rejects_non_llama_layers(tiny_backend, monkeypatch):
+    """The decode step runs Llama layers piece by piece; a layer without their parts is refused by name."""
+    mlp = tiny_backend.core.model.language_model.layers[0].mlp
+    monkeypatch.delattr(mlp, "gate_proj")
+    with pytest.raises(ValueError, match=r"lacks \['mlp.gate_proj'\].*decode_path='reference'"):
+        FastJanusDecoder(tiny_backend, batch=1, prompt_len=4, guided=False)
