@@ -171,8 +171,9 @@ class _DecodeWeights:
         return merged
 
     def fused(self, modules):
-        """One linear layer for `modules` (same input), or None when they are not fused: fusion off, a module that
-        must run as is, a bias, or (with fusion "auto") a plain projection that a fused copy would duplicate."""
+        """`(one linear layer for modules, their output sizes)` (same input), or None when they are not fused:
+        fusion off, a module that must run as is, a bias, or (with fusion "auto") a plain projection that a fused
+        copy would duplicate."""
         sources = [_weight_source(m) for m in modules]
         if not self.fuse or any(s is None or s[0].bias is not None for s in sources):
             return None
@@ -185,7 +186,7 @@ class _DecodeWeights:
         for module, (base, adapters) in zip(modules, sources):
             self.parts.append((weight[start : start + base.out_features], module, base, adapters))
             start += base.out_features
-        return _linear(bases[0].in_features, weight)
+        return _linear(bases[0].in_features, weight), tuple(b.out_features for b in bases)
 
     @torch.no_grad()
     def refresh(self) -> None:
@@ -213,13 +214,12 @@ def _decode_layers(layers, merge: bool, fuse: bool | str):
         attn, mlp = layer.self_attn, layer.mlp
         qkv = weights.fused([attn.q_proj, attn.k_proj, attn.v_proj])
         if qkv is not None:
-            projections = dict(qkv_proj=qkv, qkv_sizes=tuple(_out_features(getattr(attn, n))
-                                                            for n in ("q_proj", "k_proj", "v_proj")))
+            projections = dict(qkv_proj=qkv[0], qkv_sizes=qkv[1])
         else:
             projections = {n: weights.projection(getattr(attn, n)) for n in ("q_proj", "k_proj", "v_proj")}
         gate_up = weights.fused([mlp.gate_proj, mlp.up_proj])
         if gate_up is not None:
-            mlp_projections = dict(gate_up_proj=gate_up)
+            mlp_projections = dict(gate_up_proj=gate_up[0])
         else:
             mlp_projections = {n: weights.projection(getattr(mlp, n)) for n in ("gate_proj", "up_proj")}
         views.append(_Modules(
@@ -230,11 +230,6 @@ def _decode_layers(layers, merge: bool, fuse: bool | str):
             mlp=_Modules(act_fn=mlp.act_fn, down_proj=weights.projection(mlp.down_proj), **mlp_projections),
         ))
     return views, weights
-
-
-def _out_features(module) -> int:
-    source = _weight_source(module)
-    return source[0].out_features
 
 
 _STEP_FUNCTIONS = {"first": _step_first, "between": _step_between, "last": _step_last, "draw": _draw}
@@ -258,12 +253,12 @@ def _check_llama_layers(layers) -> None:
     needed = ("input_layernorm", "post_attention_layernorm", "mlp", "self_attn")
     attention = ("q_proj", "k_proj", "v_proj", "o_proj", "head_dim", "scaling", "num_key_value_groups")
     mlp = ("gate_proj", "up_proj", "down_proj", "act_fn")
-    for layer in layers[:1]:
-        missing = [n for n in needed if not hasattr(layer, n)]
-        missing += [f"self_attn.{n}" for n in attention if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
-        missing += [f"mlp.{n}" for n in mlp if hasattr(layer, "mlp") and not hasattr(layer.mlp, n)]
-        if missing:
-            raise ValueError(
-                f"The fast Janus decoder runs Llama decoder layers; {type(layer).__name__} lacks {missing}. "
-                f"Use decode_path='reference'."
-            )
+    layer = layers[0]  # the layers of one model share their class
+    missing = [n for n in needed if not hasattr(layer, n)]
+    missing += [f"self_attn.{n}" for n in attention if hasattr(layer, "self_attn") and not hasattr(layer.self_attn, n)]
+    missing += [f"mlp.{n}" for n in mlp if hasattr(layer, "mlp") and not hasattr(layer.mlp, n)]
+    if missing:
+        raise ValueError(
+            f"The fast Janus decoder runs Llama decoder layers; {type(layer).__name__} lacks {missing}. "
+            f"Use decode_path='reference'."
+        )
