@@ -16,25 +16,24 @@ def _noise(rng, height, width, mode="RGB"):
     return Image.fromarray(rng.integers(0, 256, (height, width, *channels), dtype=np.uint8), mode)
 
 
-def _both(backend, images, questions):
-    """(fast, processor) inputs of one batch."""
-    fast = backend._understanding_inputs(images, questions)
+def _fast_and_processor(method, backend, images, questions):
+    """`method(images, questions)` of the backend with its fast inputs, then with the processor's."""
+    fast = method(images, questions)
     backend.fast_understanding_inputs = False
     try:
-        ref = backend._understanding_inputs(images, questions)
+        ref = method(images, questions)
     finally:
         del backend.fast_understanding_inputs
     return fast, ref
+
+
+def _both(backend, images, questions):
+    """(fast, processor) inputs of one batch."""
+    return _fast_and_processor(backend._understanding_inputs, backend, images, questions)
 
 
 def _p_yes_both(backend, images, questions):
-    fast = backend.yes_probability(images, questions)
-    backend.fast_understanding_inputs = False
-    try:
-        ref = backend.yes_probability(images, questions)
-    finally:
-        del backend.fast_understanding_inputs
-    return fast, ref
+    return _fast_and_processor(backend.yes_probability, backend, images, questions)
 
 
 def _assert_same_inputs(fast, ref, pixel_atol=1e-6):
