@@ -323,7 +323,9 @@ def judge_builds_kv_cache(backend) -> bool:
     size = backend.image_size
     enc = backend._understanding_inputs(random_images(1, size), ["Does this image match? Answer yes or no."])
     with torch.no_grad():
-        return backend.core(**enc, logits_to_keep=1).past_key_values is not None
+        from srum_trl.models._compat import output_cache
+
+        return output_cache(backend.core(**enc, logits_to_keep=1)) is not None
 
 
 # -------------------------------------------------------------------------------------------------------- main

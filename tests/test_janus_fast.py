@@ -385,9 +385,13 @@ def test_compiled_step_draws_the_reference_tokens_and_compiles_once_for_all_laye
     counters.clear()
     for config in (GenerationConfig(guidance=3.0, temperature=0.7), GenerationConfig(guidance=1.0, top_k=5)):
         ref = _reference(backend, PROMPTS, config, 3)
-        with warnings.catch_warnings():
-            warnings.simplefilter("error")  # no fallback to the uncompiled pieces
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
             got = _fast(backend, PROMPTS, config, 3, sampling="host", compile=options)
+        # no fallback to the uncompiled pieces, nor any other warning of ours; a library's deprecation notice
+        # (a name it renamed) is not this test's business
+        ours = [w for w in caught if not issubclass(w.category, (DeprecationWarning, FutureWarning))]
+        assert not ours, [str(w.message) for w in ours]
         _assert_same(ref, got, guided=config.guidance != 1.0)
         if config.guidance != 1.0:
             assert counters["stats"]["unique_graphs"] == 3  # first, between (all layer pairs), last

@@ -17,6 +17,7 @@ import torch.nn.functional as F
 from PIL import Image
 from transformers import DynamicCache
 
+from .._compat import cache_kwarg
 from ..base import GenerationConfig, PixelViews, Rollout, UMMBackend
 from .understanding import JanusInputBuilder, to_device
 
@@ -311,10 +312,10 @@ class JanusBackend(UMMBackend):
         if guided:
             ids = torch.cat([ids, self.unconditional_ids(ids)])
             mask = torch.cat([mask, mask])
-        cache = DynamicCache(config=core.config.text_config)
+        cache = {cache_kwarg(lm): DynamicCache(config=core.config.text_config)}
         embeds = core.get_input_embeddings()(ids)
-        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask),
-                 past_key_values=cache, use_cache=True)
+        out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=self._positions(mask), use_cache=True,
+                 **cache)
         position = self._positions(mask)[:, -1:]
         tokens = torch.empty(batch, self.num_image_tokens, dtype=torch.long, device=ids.device)
         margin = torch.zeros(batch, device=ids.device)
@@ -342,8 +343,7 @@ class JanusBackend(UMMBackend):
             embeds = core.prepare_embeddings_for_image_generation(step[:, None])
             mask = torch.cat([mask, mask.new_ones(mask.shape[0], 1)], dim=1)
             position = position + 1
-            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position,
-                     past_key_values=cache, use_cache=True)
+            out = lm(inputs_embeds=embeds, attention_mask=mask, position_ids=position, use_cache=True, **cache)
         margin = margin / self.num_image_tokens if guided else torch.full_like(margin, math.nan)
         return tokens, margin, logprobs
 

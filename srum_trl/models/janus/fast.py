@@ -46,6 +46,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from .decode_step import _STEP_FUNCTIONS, _check_llama_layers, _decode_layers, _step_functions, _token_scores
 from .decode_step import guided_scores
+from .._compat import cache_kwarg
 
 __all__ = ["FastJanusDecoder", "FastJanusSampler", "StaticKVCache", "guided_scores"]
 
@@ -59,7 +60,7 @@ class StaticKVCache:
 
     One buffer per layer, `[2, rows, kv_heads, length, head_dim]` (keys, then values), so that a decode step writes a
     layer's new key and value with one `index_copy_`. The decoder layers of the prefill see it as their
-    `past_key_values`: `update(k, v, layer_idx)` copies the new states into the slots named by `write_index` (a
+    K/V cache: `update(k, v, layer_idx)` copies the new states into the slots named by `write_index` (a
     device tensor of cache positions) and returns views of the first `kv_len` slots. The buffers are allocated once
     and never replaced, so their addresses stay fixed (CUDA-graph safe).
     """
@@ -227,9 +228,10 @@ class FastJanusDecoder:
     # ---------------------------------------------------------------------------------------------------- pieces
     def _layers(self, hidden, mask, positions):
         position_embeddings = self.lm.rotary_emb(hidden, positions)
+        cache = {cache_kwarg(self.layers[0]): self.cache}
         for layer in self.layers:
-            hidden = layer(hidden, attention_mask=mask, position_ids=positions, past_key_values=self.cache,
-                           use_cache=True, position_embeddings=position_embeddings)
+            hidden = layer(hidden, attention_mask=mask, position_ids=positions, use_cache=True,
+                           position_embeddings=position_embeddings, **cache)
         return self.lm.norm(hidden)
 
     def prefill(self, ids: torch.Tensor, mask: torch.Tensor) -> None:
