@@ -285,3 +285,23 @@ def test_grpo_command_on_a_bagel_folder(bagel, tmp_path):
           "--use_peft", "--lora_r", "2", "--beta", "0.05", "--sde_window_size", "1",
           "--model_init_kwargs", json.dumps({**TINY_BACKEND_SETTINGS, "num_timesteps": 5})])
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_grpo_bagel_example_runs(bagel, tmp_path):
+    import importlib.util
+
+    folder = str(tmp_path / "bagel")
+    bagel.save_pretrained(folder)
+    prompts = tmp_path / "prompts.txt"
+    prompts.write_text("a red circle\na blue square\n")
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("grpo_bagel", os.path.join(root, "examples", "grpo_bagel.py"))
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    out = str(tmp_path / "run")
+    example.main(["--model_name_or_path", folder, "--prompts", str(prompts), "--output_dir", out,
+                  "--image_size", "64", "--num_timesteps", "5", "--vit_max_size", "56", "--vit_min_size", "28",
+                  "--num_generations", "2", "--per_device_train_batch_size", "2", "--gradient_accumulation_steps",
+                  "1", "--max_steps", "1", "--bf16", "false", "--dtype", "float32", "--report_to", "none",
+                  "--save_strategy", "no", "--use_peft", "--lora_r", "2", "--advantage_mode", "dense"])
+    assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
