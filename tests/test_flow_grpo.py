@@ -305,3 +305,30 @@ def test_grpo_bagel_example_runs(bagel, tmp_path):
                   "1", "--max_steps", "1", "--bf16", "false", "--dtype", "float32", "--report_to", "none",
                   "--save_strategy", "no", "--use_peft", "--lora_r", "2", "--advantage_mode", "dense"])
     assert os.path.exists(os.path.join(out, "adapter_model.safetensors"))
+
+
+def test_evidence_grpo_arms_run_on_a_bagel_base(tmp_path, monkeypatch):
+    """The ShapesWorld evidence runner's GRPO arms on a BAGEL-architecture base (a random tiny one here): flow GRPO
+    with the self-judge, dense advantages and the exact scorer, trained and evaluated end to end."""
+    from srum_trl.shapes import evidence
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 1)  # the runner gives each job every core: one thread here
+    from srum_trl.shapes.questions import VOCABULARY
+
+    base = str(tmp_path / "flow-base")
+    tiny_bagel_backend(VOCABULARY, seed=0).save_pretrained(base)
+    out = str(tmp_path / "evidence")
+    settings = {**TINY_BACKEND_SETTINGS, "num_timesteps": 4}
+    result = evidence.main(["--base", base, "--out", out, "--arms", "grpo", "grpo_dense", "grpo_oracle", "--seeds", "0",
+                            "--steps", "1", "--batch_size", "4", "--num_generations", "2", "--eval_prompts", "4",
+                            "--train_eval_prompts", "4", "--track_prompts", "4", "--track_every", "1",
+                            "--understanding_prompts", "1", "--device", "cpu", "--guidance", "2.0",
+                            "--backend_kwargs", json.dumps(settings), "--grpo_config", '{"sde_window_size": 1}'])
+    rows = {r["arm"]: r for r in result["runs"]}
+    assert set(rows) == {"grpo", "grpo_dense", "grpo_oracle"}
+    for arm, row in rows.items():
+        assert "error" not in row, row.get("traceback")
+        assert 0.0 <= row["heldout"]["overall"] <= 1.0 and [h["step"] for h in row["history"]] == [0, 1]
+        assert row["train_logs"][0]["flow/trained_steps"] == 1.0  # flow GRPO: a window of one SDE step
+    assert any(k.startswith("clip_ratio/region_mean/step_") for k in rows["grpo_dense"]["train_logs"][0])
+    assert os.path.exists(os.path.join(out, "evidence.md")) and result["config"]["grpo_config"] == {"sde_window_size": 1}
