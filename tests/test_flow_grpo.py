@@ -59,30 +59,15 @@ def test_sde_step_by_hand():
     assert std.shape == (2, 1, 1) and std[1].item() == pytest.approx(0.7 * math.sqrt(0.1), abs=1e-6)
 
 
-def _gaussian_velocity(m: float, s0: float):
-    """The exact velocity E[eps - x0 | x_t] for x0 ~ N(m, s0^2), x_t = (1 - t) x0 + t eps."""
+def _marginals_script():
+    import importlib.util
 
-    def v(x, t):
-        a = 1 - t
-        var = a * a * s0 * s0 + t * t
-        return t / var * (x - a * m) - (m + a * s0 * s0 / var * (x - a * m))
-
-    return v
-
-
-def _simulate(v, num_steps, noise_level, samples, seed, score_correction=True):
-    ts = torch.linspace(1, 0, num_steps + 1)
-    g = torch.Generator().manual_seed(seed)
-    x = torch.randn(samples, 1, 1, generator=g)
-    states = [x]
-    for i in range(num_steps):
-        t, t_next = float(ts[i]), float(ts[i + 1])
-        mean, std = sde_step(x, v(x, t), t, t_next, noise_level, float(ts[1]))
-        if not score_correction:  # a wrong SDE: the Euler step plus the same noise, without the score term
-            mean = sde_step(x, v(x, t), t, t_next, 0.0)[0]
-        x = mean + std * torch.randn(x.shape, generator=g)
-        states.append(x)
-    return ts, states
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    spec = importlib.util.spec_from_file_location("flow_sde_marginals",
+                                                  os.path.join(root, "scripts", "flow_sde_marginals.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
 
 
 def test_sde_has_the_marginals_of_the_ode_on_gaussian_data():
@@ -91,20 +76,20 @@ def test_sde_has_the_marginals_of_the_ode_on_gaussian_data():
     (100 steps), while Euler plus noise without the score correction does not. (The capped first step over-disperses
     by a^4 / 4 in variance whatever the step count; the SDE's restoring drift removes it along the way: 1.4% in std
     at t = 0.5, 0.03% at t = 0.)"""
-    m, s0, n, steps = 1.5, 0.5, 200_000, 100
-    v = _gaussian_velocity(m, s0)
-    ts, sde = _simulate(v, steps, 0.7, n, seed=0)
-    _, ode = _simulate(v, steps, 0.0, n, seed=1)
-    _, wrong = _simulate(v, steps, 0.7, n, seed=2, score_correction=False)
+    script = _marginals_script()
+    n, steps = 200_000, 100
+    ts, sde = script.simulate(steps, 0.7, n, seed=0)
+    _, ode = script.simulate(steps, 0.0, n, seed=1)
+    _, wrong = script.simulate(steps, 0.7, n, seed=2, score_correction=False)
     for i in (50, 80, steps):
         t = float(ts[i])
-        mean, std = (1 - t) * m, math.sqrt((1 - t) ** 2 * s0**2 + t**2)
+        mean, std = (1 - t) * 1.5, math.sqrt((1 - t) ** 2 * 0.5**2 + t**2)  # the exact marginal of N(1.5, 0.5^2) data
         for states in (sde, ode):
             x = states[i]
             assert abs(x.mean().item() - mean) < 5 * std / math.sqrt(n) + 0.01, (i, x.mean().item(), mean)
             assert abs(x.std().item() / std - 1) < 0.02, (i, x.std().item(), std)
         assert abs(sde[i].std().item() - ode[i].std().item()) / std < 0.02
-    assert wrong[steps].std().item() > 1.5 * s0  # the test can fail: a wrong SDE is far off
+    assert wrong[steps].std().item() > 1.5 * 0.5  # the test can fail: a wrong SDE is far off
 
 
 def test_exact_kl_matches_monte_carlo():

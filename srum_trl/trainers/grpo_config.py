@@ -21,6 +21,8 @@ class GRPOUMMConfig(_BaseConfig):
     Configuration class for [`GRPOUMMTrainer`]: GRPO on the image tokens of a unified multimodal model, as in UniRL
     (arXiv 2505.23380), with the model's own judge as reward, optional dense per-token advantages from the judge's
     reward maps, and UniRL's self-SFT mode. Field names and meanings follow TRL's `GRPOConfig` wherever one exists.
+    With a flow-matching backend (BAGEL) the same fields run flow GRPO on the latents (Flow-GRPO, arXiv 2505.05470):
+    SDE rollouts (`noise_level`, `sde_*` fields) and log-probabilities per denoising step and latent token.
 
     Every field is also a command-line flag of `examples/grpo_janus.py` (TRL's parser). Besides these, all
     [`~transformers.TrainingArguments`] fields apply.
