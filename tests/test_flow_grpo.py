@@ -138,6 +138,11 @@ def test_flow_loss_token_and_step_levels_by_hand():
                          loss_type="grpo")
     assert out.ratio.squeeze(-1).tolist() == pytest.approx([math.sqrt(0.75), math.sqrt(0.77)], abs=1e-6)
     assert out.loss.item() == pytest.approx(-(math.sqrt(0.75) + math.sqrt(0.77)) / 2, abs=1e-6)
+    # "sequence": one ratio per image, exp(mean of its 4 log-ratios) = 0.5775 ** 0.25, inside the clip range
+    out = flow_grpo_loss(LOGP, torch.zeros(1, 2, 2), torch.tensor([1.0]), importance_sampling_level="sequence",
+                         steps=[3, 4])
+    assert out.loss.item() == pytest.approx(-(0.5775**0.25), abs=1e-6)
+    assert out.metrics["clip_ratio/region_mean/step_3"] == 0.0
     # "step" with dr_grpo gives the same normaliser as "token" (images x steps x tokens)
     token = flow_grpo_loss(LOGP, LOGP, torch.tensor([1.0]), loss_type="dr_grpo").loss
     step = flow_grpo_loss(LOGP, LOGP, torch.tensor([1.0]), loss_type="dr_grpo", importance_sampling_level="step").loss

@@ -40,7 +40,7 @@ class GRPOUMMConfig(_BaseConfig):
             groups. GRPO needs at least 2.
         max_completion_length (`int`, *optional*):
             The constant normaliser of `loss_type="dr_grpo"`. Defaults to the number of image tokens of the model
-            (every image has exactly that many tokens).
+            (every image has exactly that many tokens); flow backends: latent tokens x trained steps.
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Shuffle the prompts of the training dataset.
         generation_batch_size (`int`, *optional*):
