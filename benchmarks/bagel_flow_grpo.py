@@ -116,6 +116,10 @@ def run_rounds(trainer, prompt, accumulation, clock, rounds: int) -> list[dict]:
                            "peak_memory_gib": None})
         logs.append({k: sum(v) / len(v) for k, v in trainer._metrics["train"].items() if v})
         trainer._metrics["train"].clear()
+    for name in ("compute_loss", "_score"):  # the class's own methods again
+        delattr(trainer, name)
+    delattr(trainer.backend, "generate")
+    delattr(trainer.accelerator, "backward")
     return logs
 
 
