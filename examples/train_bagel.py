@@ -58,7 +58,9 @@ class BagelScriptArguments:
     vit_min_size: int = field(default=224, metadata={"help": "Shortest side of images shown to the judge."})
 
 
-def main(argv=None):
+def main(argv=None, trainer_cls=None, config_cls=None, defaults=None, prog="train_bagel.py"):
+    """Parse, load BAGEL, train, save. `trainer_cls` / `config_cls` / `defaults`: SRUM's unless given (the same
+    script body runs `grpo_bagel.py`)."""
     import torch
     from accelerate import PartialState
     from trl import ModelConfig, TrlParser, get_peft_config
@@ -67,8 +69,9 @@ def main(argv=None):
     from srum_trl.data.prompts import load_prompt_dataset
     from srum_trl.models.bagel import load_bagel, lora_targets, set_trainable
 
-    parser = TrlParser((BagelScriptArguments, SRUMConfig, ModelConfig), prog="train_bagel.py")
-    parser.set_defaults(**BAGEL_DEFAULTS)
+    trainer_cls, config_cls = trainer_cls or SRUMTrainer, config_cls or SRUMConfig
+    parser = TrlParser((BagelScriptArguments, config_cls, ModelConfig), prog=prog)
+    parser.set_defaults(**(BAGEL_DEFAULTS if defaults is None else defaults))
     script, config, model_config = parser.parse_args_and_config(argv)
     if model_config.model_name_or_path is None:
         parser.error("--model_name_or_path (a BAGEL-7B-MoT folder) is required")
@@ -101,8 +104,8 @@ def main(argv=None):
     if script.max_prompts:
         train = train.select(range(min(script.max_prompts, len(train))))
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
-    trainer = SRUMTrainer(backend, args=config, train_dataset=train, eval_dataset=eval_dataset,
-                               peft_config=peft_config)
+    trainer = trainer_cls(backend, args=config, train_dataset=train, eval_dataset=eval_dataset,
+                          peft_config=peft_config)
     trainer.train()
     # LoRA: the adapter; full fine-tune: an official BAGEL folder (ema.safetensors, llm/vit configs, VAE, tokenizer)
     trainer.save_model(config.output_dir)

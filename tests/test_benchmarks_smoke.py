@@ -61,3 +61,19 @@ def test_generate_calls_benchmark_smoke(benchmark_module, tmp_path):
     payload = benchmark_module("janus_generate_calls").main(["--smoke", "--calls", "2", "--out", str(out)])
     assert json.loads(out.read_text())["same_tokens_per_seed"] is True
     assert [(r["keep_fast_decoder"], r["call"]) for r in payload["rows"]] == [(False, 1), (False, 2), (True, 1), (True, 2)]
+
+
+def test_bagel_flow_grpo_benchmark_smoke(benchmark_module, tmp_path):
+    out = tmp_path / "flow_grpo.json"
+    payload = benchmark_module("bagel_flow_grpo").main(["--smoke", "--out", str(out)])
+    saved = json.loads(out.read_text())
+    assert saved["smoke"] and saved["settings"]["sde_window"] == 2
+    phases = {r["phase"]: r for r in payload["phases"]}
+    assert len(phases) == 6 and all(r["seconds_per_round"] > 0 for r in phases.values())
+    assert phases["training forward (recorded steps, with gradients)"]["calls_per_round"] == 2  # 4 images, batch 2
+    assert sum(r["seconds_per_round"] for name, r in phases.items() if name != "round total") <= \
+        phases["round total"]["seconds_per_round"]
+    assert [r["sampler"] for r in payload["sampler"]] == ["deterministic (ODE)", "SDE window of 2",
+                                                         "SDE on every step"]
+    assert all(r["images_per_s"] > 0 for r in payload["sampler"])
+    assert payload["trainer_logs"][-1]["sampling/sampling_logp_difference/max"] < 1e-3  # float32 on the CPU

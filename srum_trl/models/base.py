@@ -14,6 +14,8 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from .flow_sde import FlowSteps, FlowTrajectory, SDEConfig
+
 
 @dataclass
 class Rollout:
@@ -38,6 +40,8 @@ class Rollout:
             resizes and normalises on the device instead of going through the PIL images. 3 bytes per pixel:
             0.44 MB per 384 px image, 28 MiB per 64; it lives as long as the rollout (`select` of a slice is a
             view, of a list of rows a copy).
+        trajectory: continuous backends sampling with an SDE (`GenerationConfig.sde`): the trained steps of each
+            image (states, drawn states, per-token log-densities; see [`FlowTrajectory`]). None otherwise.
     """
 
     prompts: list[str]
@@ -50,6 +54,7 @@ class Rollout:
     guidance_margin: torch.Tensor | None = None
     logprobs: torch.Tensor | None = None
     pixels: torch.Tensor | None = None
+    trajectory: FlowTrajectory | None = None
 
     def __len__(self) -> int:
         return len(self.prompts)
@@ -76,6 +81,7 @@ class Rollout:
             guidance_margin=margin,
             logprobs=logprobs,
             pixels=pixels,
+            trajectory=self.trajectory.select(rows) if self.trajectory is not None else None,
         )
 
 
@@ -146,12 +152,16 @@ class GenerationConfig:
         temperature: softmax temperature of discrete sampling.
         top_k: keep only the k most likely tokens (None: all).
         batch_size: images generated per forward batch.
+        sde: continuous backends: sample with the SDE of [`SDEConfig`] on the steps it picks (same marginals as the
+            deterministic sampler) and record the trained steps in `Rollout.trajectory` (flow GRPO). None: the
+            deterministic sampler.
     """
 
     guidance: float = 5.0
     temperature: float = 1.0
     top_k: int | None = None
     batch_size: int = 16
+    sde: SDEConfig | None = None
 
 
 class UMMBackend(ABC):
@@ -246,6 +256,13 @@ class UMMBackend(ABC):
     def token_logprobs(self, prompts: list[str], rollout: Rollout) -> torch.Tensor:
         """Per-token log-probabilities `[B, h*w]` of the rollout's tokens under the sampling policy."""
         raise NotImplementedError(f"{type(self).__name__} has no token log-probabilities (continuous tokens?)")
+
+    def step_logprobs(self, prompts: list[str], rollout: Rollout) -> FlowSteps:
+        """Continuous backends (flow GRPO): the rollout's recorded SDE steps (`rollout.trajectory`) evaluated again
+        under the model as it is now, differentiable w.r.t. `model`: per-token Gaussian log-densities of the drawn
+        states `[B, S, h*w]`, the step means `[B, S, h*w, C]` and the step std `[S]` (see [`FlowSteps`]). The
+        velocity is the one that sampled (guided with the rollout's scale where the sampler guided)."""
+        raise NotImplementedError(f"{type(self).__name__} has no SDE steps (discrete tokens? use token_logprobs)")
 
     def check_prompts(self, prompts: list[str], field_name: str = "prompt") -> None:
         """Raise a clear `ValueError` for empty prompts or prompts too long for the context."""

@@ -17,6 +17,10 @@ Starting from the shipped base model, on training prompts only, each arm fine-tu
 | `grpo_dense` | the same with per-token advantages modulated by the judge's reward map | dense advantage |
 | `oracle` | only the images the exact scorer accepts (an upper-bound control, never shipped) | 0.5 if correct else 0 |
 
+The base may be the Janus base or a BAGEL-architecture (flow-matching) base: on a flow base the GRPO arms are flow
+GRPO (SDE rollouts, per-step log-probabilities; `--grpo_config` sets its fields, e.g. `'{"noise_level": 1.0}'`) and
+`--backend_kwargs` passes sampler settings the folder does not carry (e.g. `'{"num_timesteps": 16}'`).
+
 An arm may carry its own learning rate as `ARM@LR` (e.g. `srum_centered@3e-4`); it is then reported under that
 label, so one run can compare learning rates. Held-out accuracy and the guidance margin are tracked during training (every `track_every` steps), so a collapse is
 seen when it starts; yes/no understanding is measured before and after. Run:
@@ -95,6 +99,8 @@ class EvidenceConfig:
     parallel: int = 1
     save_adapters: bool = True
     decode_path: str = "reference"  # "fast": the CUDA-graph decoder of docs/speed.md (same tokens on CPU)
+    backend_kwargs: dict | None = None  # backend settings on top of the folder's (e.g. a flow base's sampler)
+    grpo_config: dict | None = None  # GRPOUMMConfig overrides of the GRPO arms (e.g. flow GRPO's noise_level)
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -120,7 +126,8 @@ def generation_accuracy(backend, prompts: list[str], guidance: float, seed: int,
     rollout = backend.generate(prompts, GenerationConfig(guidance=guidance, batch_size=batch_size), seed=seed)
     results = [score(image, prompt) for image, prompt in zip(rollout.images, prompts)]
     out = accuracy_by_category(results)
-    out["guidance_margin"] = float(np.nanmean(rollout.guidance_margin.numpy()))
+    margins = rollout.guidance_margin.numpy()  # NaN for flow backends: no token log-probabilities
+    out["guidance_margin"] = float(np.nanmean(margins)) if np.isfinite(margins).any() else math.nan
     out["extra_objects"] = float(np.mean([len(r.extra) for r in results]))
     return out
 
@@ -195,6 +202,19 @@ def judge_agreement(backend, judge, prompts, guidance, seed) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- arms
+def load_base(cfg: "EvidenceConfig"):
+    """The base model as a float32 backend on `cfg.device`: Janus with its decode path, a BAGEL-architecture (flow)
+    base as its folder says; `cfg.backend_kwargs` on top."""
+    from ..models import load_backend
+    from ..models.bagel import is_bagel_folder
+
+    settings = {} if is_bagel_folder(cfg.base) else {"decode_path": cfg.decode_path}
+    backend = load_backend(cfg.base, dtype="float32", backend_kwargs={**settings, **(cfg.backend_kwargs or {})})
+    backend.model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend.understanding_batch_size = 256
+    return backend
+
+
 def _arm_setup(arm: str, cfg: EvidenceConfig):
     """(reward_funcs, SRUMConfig overrides) of an arm."""
     from .questions import make_shapes_judge
@@ -221,16 +241,12 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     from peft import LoraConfig
     from transformers import TrainerCallback
 
-    from ..models import load_backend
     from ..trainers import SRUMConfig, SRUMTrainer
     from .world import sample_prompts, train_prompts
 
     arm, learning_rate = parse_arm(spec)[0], arm_learning_rate(spec, cfg)
     torch.manual_seed(seed)
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    backend = load_backend(cfg.base, dtype="float32", backend_kwargs={"decode_path": cfg.decode_path})
-    backend.model.to(device)
-    backend.understanding_batch_size = 256
+    backend = load_base(cfg)
     track = sample_prompts(cfg.track_prompts, "heldout", seed=10_000 + seed)
     history = []
 
@@ -251,7 +267,8 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
 
         reward_funcs = [scorer_reward] if arm == "grpo_oracle" else [make_shapes_judge(use_local=arm == "grpo_dense")]
         args = GRPOUMMConfig(learning_rate=learning_rate, num_generations=cfg.num_generations,
-                             advantage_mode="dense" if arm == "grpo_dense" else "scalar", **common)
+                             advantage_mode="dense" if arm == "grpo_dense" else "scalar",
+                             **{**common, **(cfg.grpo_config or {})})
         trainer_cls = GRPOUMMTrainer
     else:
         reward_funcs, overrides = _arm_setup(arm, cfg)
@@ -345,14 +362,14 @@ def markdown(summary: dict, cfg: EvidenceConfig, guidance: float, command: str) 
         f"| base | {_pct(base['heldout']['overall'])} | {_pct(base['heldout'].get('single'))} | "
         f"{_pct(base['heldout'].get('pair'))} | {_pct(base['heldout'].get('spatial'))} | "
         f"{_pct(base['heldout'].get('counting'))} | {_pct(base['understanding'])} | "
-        f"{base['heldout']['guidance_margin']:.2f} | | | {_pct(base.get('train_prompts', {}).get('overall'))} |",
+        f"{_margin(base['heldout']['guidance_margin'])} | | | {_pct(base.get('train_prompts', {}).get('overall'))} |",
     ]
     for arm in arm_order(a for a in summary if a != "base"):
         e = summary[arm]
         label = f"{arm} (control)" if parse_arm(arm)[0] in CONTROL_ARMS else arm
         lines.append(
             f"| {label} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | {_ms(e['spatial'])} | "
-            f"{_ms(e['counting'])} | {_ms(e['understanding'])} | {e['guidance_margin_end']['mean']:.2f} | "
+            f"{_ms(e['counting'])} | {_ms(e['understanding'])} | {_margin(e['guidance_margin_end']['mean'])} | "
             f"{_num(e.get('vs_base_in_se'))} | {_num(e.get('vs_sft_in_se'))} | {_ms(e['train_prompts'])} |"
         )
     setup = (f"{len(cfg.seeds)} seeds ({', '.join(map(str, cfg.seeds))}); {cfg.steps} steps of batch {cfg.batch_size}; "
@@ -367,6 +384,10 @@ def _pct(v) -> str:
 
 def _ms(s: dict) -> str:
     return "" if s["mean"] is None else f"{100 * s['mean']:.1f} ± {100 * s['std']:.1f}"
+
+
+def _margin(v) -> str:
+    return "" if v is None or math.isnan(v) else f"{v:.2f}"
 
 
 def _num(v) -> str:
@@ -401,6 +422,10 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--device", default=None)
     parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
                         help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md)")
+    parser.add_argument("--backend_kwargs", type=json.loads, default=None, metavar="JSON",
+                        help="backend settings on top of the folder's, e.g. '{\"num_timesteps\": 16}'")
+    parser.add_argument("--grpo_config", type=json.loads, default=None, metavar="JSON",
+                        help="GRPOUMMConfig fields of the GRPO arms, e.g. '{\"noise_level\": 1.0}'")
     args = parser.parse_args(argv)
     for spec in args.arms:
         try:
@@ -426,13 +451,9 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     os.makedirs(cfg.out, exist_ok=True)
     guidance = cfg.guidance if cfg.guidance is not None else _base_guidance(cfg.base)
-    from ..models import load_backend
     from .world import sample_prompts
 
-    device = cfg.device or ("cuda" if torch.cuda.is_available() else "cpu")
-    base_backend = load_backend(cfg.base, dtype="float32")
-    base_backend.model.to(device)
-    base_backend.understanding_batch_size = 256
+    base_backend = load_base(cfg)
     from .questions import make_shapes_judge
 
     base = {

@@ -9,7 +9,7 @@ from trl.trainer.base_config import _BaseConfig
 _MODES = ("grpo", "sft")
 _LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 _SCALE_REWARDS = ("group", "batch", "none")
-_IS_LEVELS = ("token", "sequence")
+_IS_LEVELS = ("token", "sequence", "step")
 _ADVANTAGE_MODES = ("scalar", "dense")
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
@@ -21,6 +21,8 @@ class GRPOUMMConfig(_BaseConfig):
     Configuration class for [`GRPOUMMTrainer`]: GRPO on the image tokens of a unified multimodal model, as in UniRL
     (arXiv 2505.23380), with the model's own judge as reward, optional dense per-token advantages from the judge's
     reward maps, and UniRL's self-SFT mode. Field names and meanings follow TRL's `GRPOConfig` wherever one exists.
+    With a flow-matching backend (BAGEL) the same fields run flow GRPO on the latents (Flow-GRPO, arXiv 2505.05470):
+    SDE rollouts (`noise_level`, `sde_*` fields) and log-probabilities per denoising step and latent token.
 
     Every field is also a command-line flag of `examples/grpo_janus.py` (TRL's parser). Besides these, all
     [`~transformers.TrainingArguments`] fields apply.
@@ -38,7 +40,7 @@ class GRPOUMMConfig(_BaseConfig):
             groups. GRPO needs at least 2.
         max_completion_length (`int`, *optional*):
             The constant normaliser of `loss_type="dr_grpo"`. Defaults to the number of image tokens of the model
-            (every image has exactly that many tokens).
+            (every image has exactly that many tokens); flow backends: latent tokens x trained steps.
         shuffle_dataset (`bool`, *optional*, defaults to `True`):
             Shuffle the prompts of the training dataset.
         generation_batch_size (`int`, *optional*):
@@ -52,7 +54,9 @@ class GRPOUMMConfig(_BaseConfig):
         guidance_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale w of the rollouts (1.0: no guidance). The policy is the distribution that
             sampled the tokens, `softmax((u + w (c - u)) / temperature)`: log-probabilities, ratios and KL are all
-            taken on these guided logits.
+            taken on these guided logits. Flow backends likewise: the SDE steps are drawn with the guided velocity
+            (inside the backend's CFG interval) and their log-probabilities are recomputed with it; 1.0 samples and
+            trains without CFG, one forward per row instead of two in both (see docs/grpo.md).
         temperature (`float`, *optional*, defaults to `1.0`):
             Sampling temperature of the rollouts (log-probabilities are divided by it, as in TRL).
         top_k (`int`, *optional*):
@@ -72,7 +76,9 @@ class GRPOUMMConfig(_BaseConfig):
         epsilon_high (`float`, *optional*):
             Upper clipping bound; defaults to `epsilon` (DAPO recommends 0.28).
         importance_sampling_level (`str`, *optional*, defaults to `"token"`):
-            "token": one ratio per token; "sequence" (GSPO): the exp of the mean per-token log-ratio of the image.
+            "token": one ratio per token (flow backends: per latent token and trained step); "sequence" (GSPO): the
+            exp of the mean per-token log-ratio of the image; "step" (flow backends only): one ratio per image and
+            trained step, the exp of the mean over the step's tokens (Flow-GRPO's granularity).
         reward_weights (`list[float]`, *optional*):
             One weight per reward function; the reward is the NaN-skipping weighted sum (TRL's `nansum`). Defaults
             to all ones.
@@ -99,6 +105,22 @@ class GRPOUMMConfig(_BaseConfig):
         sft_text_dropout (`float`, *optional*):
             Self-SFT: prompt-dropout probability of the conditional loss. Defaults to 0.1 with
             `sft_loss_guidance="conditional"` and 0.0 with "guided".
+        noise_level (`float`, *optional*, defaults to `0.7`):
+            Flow backends: the noise level a of the rollouts' SDE, `sigma_t = a * sqrt(t / (1 - t))` (Flow-GRPO's
+            default). The SDE has the marginals of the deterministic sampler; a larger a explores more.
+        sde_steps (`str`, *optional*, defaults to `"window"`):
+            Flow backends: which denoising steps are stochastic and trained. "window": `sde_window_size` consecutive
+            SDE steps at a random place of `sde_window_range`, deterministic (ODE) steps elsewhere, only the window
+            trained (Flow-GRPO-Fast, MixGRPO: the cheapest); "random": every step stochastic, a random subset of
+            `sde_num_train_steps` trained (Flow-GRPO's training on fewer steps); "all": every step stochastic and
+            trained (Flow-GRPO). The choice is drawn once per generation round, the same on every process.
+        sde_window_size (`int`, *optional*, defaults to `2`):
+            Flow backends, `sde_steps="window"`: SDE steps in the window (1 to 3 in Flow-GRPO-Fast and MixGRPO).
+        sde_window_range (`list[int]`, *optional*):
+            Flow backends, `sde_steps="window"`: `[lo, hi]`, the window lies within steps lo .. hi - 1 of the
+            sampler. Defaults to the first half of the steps (Flow-GRPO-Fast's range: the early, high-noise steps).
+        sde_num_train_steps (`int`, *optional*):
+            Flow backends, `sde_steps="random"`: steps trained per round. Defaults to half of the steps (rounded up).
         judge_mode (`str`, *optional*, defaults to `"logits"`):
             Default judge (built when `reward_funcs=None`): "logits" (2 P(yes) - 1) or "text" (`Score: x`).
         region_proposer (`str`, *optional*, defaults to `"grid"`):
@@ -171,6 +193,19 @@ class GRPOUMMConfig(_BaseConfig):
     sft_text_dropout: float | None = field(
         default=None, metadata={"help": "Self-SFT prompt dropout (default 0.1 conditional, 0 guided)."}
     )
+    noise_level: float = field(
+        default=0.7, metadata={"help": "Flow backends: SDE noise level a (sigma_t = a sqrt(t / (1 - t)))."}
+    )
+    sde_steps: str = field(
+        default="window", metadata={"help": "Flow backends: stochastic and trained steps, 'window', 'random' or 'all'."}
+    )
+    sde_window_size: int = field(default=2, metadata={"help": "Flow backends: consecutive SDE steps of the window."})
+    sde_window_range: list[int] | None = field(
+        default=None, metadata={"help": "Flow backends: [lo, hi] steps holding the window (default: first half)."}
+    )
+    sde_num_train_steps: int | None = field(
+        default=None, metadata={"help": "Flow backends, sde_steps='random': steps trained per round (default: half)."}
+    )
     judge_mode: str = field(default="logits", metadata={"help": "Default judge: 'logits' or 'text'."})
     region_proposer: str = field(default="grid", metadata={"help": "Default judge: 'grid', 'sam' or 'none'."})
     region_grid: int = field(default=2, metadata={"help": "Default judge: cells per side of the grid proposer."})
@@ -211,6 +246,7 @@ class GRPOUMMConfig(_BaseConfig):
             raise ValueError(f"num_iterations must be >= 1, got {self.num_iterations}.")
         if self.epsilon < 0 or self.epsilon_high < 0:
             raise ValueError(f"epsilon and epsilon_high must be >= 0, got {self.epsilon}, {self.epsilon_high}.")
+        self.sde_config()  # validates the flow fields (used only with flow backends)
         minimum = 2 if self.mode == "grpo" else 1
         if self.num_generations < minimum:
             raise ValueError(
@@ -225,6 +261,18 @@ class GRPOUMMConfig(_BaseConfig):
                 f"The global eval batch size ({self.per_device_eval_batch_size} * {self.world_size}) must be "
                 f"divisible by num_generations ({self.num_generations})."
             )
+
+    def sde_config(self):
+        """The flow backends' [`SDEConfig`] of these fields (a ValueError names a bad one)."""
+        from ..models.flow_sde import SDEConfig
+
+        window = self.sde_window_range
+        if window is not None:
+            if len(window) != 2:
+                raise ValueError(f"sde_window_range must be two step indices [lo, hi], got {window!r}.")
+            window = (int(window[0]), int(window[1]))
+        return SDEConfig(noise_level=self.noise_level, steps=self.sde_steps, window_size=self.sde_window_size,
+                         window_range=window, num_train_steps=self.sde_num_train_steps)
 
     def _resolve_generation_batch(self) -> None:
         """TRL's rule: derive whichever of generation_batch_size / steps_per_generation is unset."""

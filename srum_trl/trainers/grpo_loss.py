@@ -44,6 +44,7 @@ def grpo_loss(
     importance_sampling_level: str = "token",
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
+    exact_kl: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """TRL's GRPO loss on tensors.
 
@@ -57,6 +58,8 @@ def grpo_loss(
     Args:
         per_token_logps, old_per_token_logps, ref_per_token_logps, mask: `[B, T]`.
         advantages: `[B]` (one per sequence) or `[B, T]` (dense).
+        exact_kl: `[B, T]`, a differentiable per-token KL to the reference known in closed form (e.g. between the
+            Gaussian steps of a flow SDE); used with `beta` instead of the k3 estimate from `ref_per_token_logps`.
     """
     if mask is None:
         mask = torch.ones_like(per_token_logps)
@@ -77,10 +80,13 @@ def grpo_loss(
     per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
     per_token_kl = None
     if beta != 0.0:
-        if ref_per_token_logps is None:
-            raise ValueError("beta != 0 needs ref_per_token_logps.")
-        delta = ref_per_token_logps.to(per_token_logps.device) - per_token_logps
-        per_token_kl = torch.exp(delta) - delta - 1
+        if exact_kl is not None:
+            per_token_kl = exact_kl.to(per_token_logps.device, per_token_logps.dtype)
+        elif ref_per_token_logps is None:
+            raise ValueError("beta != 0 needs ref_per_token_logps (or exact_kl).")
+        else:
+            delta = ref_per_token_logps.to(per_token_logps.device) - per_token_logps
+            per_token_kl = torch.exp(delta) - delta - 1
         per_token_loss = per_token_loss + beta * per_token_kl
     per_token_loss = per_token_loss.expand_as(mask)
     if loss_type == "grpo":

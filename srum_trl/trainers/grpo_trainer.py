@@ -10,6 +10,9 @@ One generation round:
      `advantage_mode="dense"` each token's advantage is modulated by the judge's reward map ([`dense_advantages`]).
      Mode "sft": cross-entropy on the model's own images (optionally only the best of each group).
 
+Flow-matching backends (BAGEL) take the same steps on their continuous latents (Flow-GRPO): rollouts from the SDE
+sampler, log-probabilities per denoising step and latent token (`flow_grpo.FlowGRPOMixin`).
+
 The loss core is a pure function over tensors, [`grpo_loss`], tested against hand computations.
 """
 
@@ -24,10 +27,11 @@ from torch.utils.data import Sampler
 from trl.trainer.utils import RepeatSampler, nanstd
 
 from ..data.rollouts import is_rollout_dataset
-from ..models import GenerationConfig
+from ..models import GenerationConfig, UMMBackend
 from ..rewards import UMMJudgeRewardFunction
 from .base import UMMTrainerBase, identity_collator, nanmean
 from .common import check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
+from .flow_grpo import FlowGRPOMixin
 from .grpo_config import GRPOUMMConfig
 from .grpo_loss import (
     combine_rewards,
@@ -46,7 +50,7 @@ _CITATION = """\
 }"""
 
 
-class GRPOUMMTrainer(UMMTrainerBase):
+class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
     """GRPO (and self-SFT) for unified multimodal models on TRL's trainer base, with TRL's GRPO names.
 
     Args:
@@ -95,9 +99,12 @@ class GRPOUMMTrainer(UMMTrainerBase):
                 raise ValueError(f"{label} is a stored rollout dataset; GRPO samples its own images on-policy. "
                                  "Pass a prompt dataset (stored rollouts train with SRUMTrainer).")
         self.backend = resolve_backend(model, args, processing_class, peft_config)
-        if args.mode == "grpo" and self.backend.token_kind != "discrete":
-            raise ValueError(f"GRPO needs per-token log-probabilities; {type(self.backend).__name__} has "
-                             f"{self.backend.token_kind} tokens. Use mode='sft'.")
+        self._flow = args.mode == "grpo" and self.backend.token_kind == "continuous"
+        if self._flow and type(self.backend).step_logprobs is UMMBackend.step_logprobs:
+            raise ValueError(f"GRPO on continuous latents needs SDE step log-probabilities; "
+                             f"{type(self.backend).__name__} has no `step_logprobs`. Use mode='sft'.")
+        if args.importance_sampling_level == "step" and not self._flow:
+            raise ValueError("importance_sampling_level='step' applies to flow-matching backends in mode='grpo'.")
         self.reward_funcs = self._resolve_reward_funcs(reward_funcs, args)
         self.reward_func_names = [func_name(f) for f in self.reward_funcs]
         weights = args.reward_weights if args.reward_weights is not None else [1.0] * len(self.reward_funcs)
@@ -116,6 +123,7 @@ class GRPOUMMTrainer(UMMTrainerBase):
             temperature=args.temperature,
             top_k=args.top_k,
             batch_size=args.generation_chunk_size or round_size,
+            sde=args.sde_config() if self._flow else None,
         )
         super().__init__(
             model=self.backend.model,
@@ -225,7 +233,8 @@ class GRPOUMMTrainer(UMMTrainerBase):
         prompts = [row["prompt"] for row in batch]
         t0 = time.perf_counter()
         seed = args.seed * 1_000_003 + self.state.global_step * 101 + self._step * 7 + args.process_index
-        rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
+        generation = self._flow_generation() if self._flow else self.generation
+        rollout = self._as_forward(self.backend.generate, prompts, generation, seed=seed)
         t1 = time.perf_counter()
         local_rewards, token_maps = self._as_forward(self._score, rollout, batch)
         metrics["timing/generate_s"].append(t1 - t0)
@@ -262,6 +271,8 @@ class GRPOUMMTrainer(UMMTrainerBase):
         if args.advantage_mode == "dense":
             advantages = dense_advantages(advantages, token_maps)
         out["advantages"] = advantages
+        if self._flow:
+            return self._flow_finish_round(out, mode)
         generate_every = args.steps_per_generation * args.num_iterations
         out["old_logps"] = None
         if mode == "train" and args.gradient_accumulation_steps % generate_every != 0:
@@ -282,6 +293,8 @@ class GRPOUMMTrainer(UMMTrainerBase):
 
     def _split(self, round_: dict) -> list[dict]:
         """Shuffle a round and cut it into `steps_per_generation` micro-batches (SFT: only rows of weight > 0)."""
+        if self._flow:
+            return self._flow_split(round_)
         spg = self.args.steps_per_generation
         n = len(round_["rollout"])
         if self.args.mode == "sft":
@@ -333,6 +346,9 @@ class GRPOUMMTrainer(UMMTrainerBase):
             loss = (weights[:, None] * per_token).sum() / max(normaliser, 1.0)
             # the selected images' mean per-token cross-entropy (this micro-step's share of the round's)
             self._metrics[mode]["sft/token_loss"].append(nanmean(self._gather([float(loss.detach())])))
+            return (loss, None) if return_outputs else loss
+        if self._flow:
+            loss = self._flow_compute_loss(model, inputs, mode)
             return (loss, None) if return_outputs else loss
         with self.backend.using(model):
             logps = self._as_forward(self.backend.token_logprobs, rollout.prompts, rollout)

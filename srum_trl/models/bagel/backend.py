@@ -25,6 +25,8 @@ import torch
 from PIL import Image
 
 from ..base import GenerationConfig, Rollout, UMMBackend
+from ..flow_sde import FlowTrajectory
+from .flow import recompute_step_logprobs, sample_latents
 from .processing import (
     VLM_THINK_SYSTEM_PROMPT,
     add_special_tokens,
@@ -226,12 +228,16 @@ class BagelBackend(UMMBackend):
     @torch.no_grad()
     def generate(self, prompts, config: GenerationConfig | None = None, seed: int | None = None, progress=False):
         """Sample one image per prompt. `config.guidance` is the text CFG scale (official: 4.0); temperature and
-        top_k do not apply to flow sampling. The same seed gives the same images (noise is drawn on the CPU)."""
+        top_k do not apply to flow sampling. The same seed gives the same images (noise is drawn on the CPU). With
+        `config.sde` the sampler takes SDE steps where the config says and records them in `Rollout.trajectory`
+        (`flow.sample_latents`)."""
         config = config or GenerationConfig(guidance=4.0)
         self.check_prompts(prompts)
-        latents = self._sample_batches(prompts, config.batch_size, seed,
-                                       lambda batch, g: self._sample(batch, config.guidance, g), progress)
-        latents = torch.cat(latents)
+        parts = self._sample_batches(prompts, config.batch_size, seed,
+                                     lambda batch, g: sample_latents(self, batch, config.guidance, g, config.sde),
+                                     progress)
+        latents = tokens_to_latents(torch.cat([p[0] for p in parts]), self.token_grid, self.config.latent_channels,
+                                    self.config.latent_patch_size)
         return Rollout(
             prompts=list(prompts),
             images=self.decode(latents),
@@ -241,37 +247,13 @@ class BagelBackend(UMMBackend):
             temperature=config.temperature,
             seed=seed,
             guidance_margin=torch.full((len(prompts),), math.nan),
+            trajectory=FlowTrajectory.cat([p[1] for p in parts]) if config.sde is not None else None,
         )
 
     def _sample(self, prompts: list[str], guidance: float, generator: torch.Generator) -> torch.Tensor:
-        """Clean latents `[B, C, H/8, W/8]` (float32) for the prompts."""
-        device = self.device
-        ids, valid = self._left_pad([self._prompt_ids(p) for p in prompts])
-        B = ids.shape[0]
-        cache = self._call("context", ids=ids, valid=valid)
-        text_len = valid.long().sum(-1)
-        guided = guidance != 1.0
-        if guided:
-            cache2 = [(torch.cat([k, k]), torch.cat([v, v])) for k, v in cache]
-            valid2 = torch.cat([valid, torch.zeros_like(valid)])
-            pos2 = torch.cat([text_len, torch.zeros_like(text_len)])
-        grid = self.token_grid
-        n = grid[0] * grid[1]
-        x = torch.randn(B, n, self.config.patch_latent_dim, generator=generator).to(device)
-        ts = sampling_timesteps(self.num_timesteps, self.timestep_shift, device=device)
-        markers = self._markers()
-        lo, hi = self.cfg_interval
-        for i in range(self.num_timesteps - 1):
-            t = ts[i]
-            if guided and lo < float(t) <= hi:
-                v = self._call("velocity", x_t=torch.cat([x, x]), t=t.expand(2 * B), grid=grid, markers=markers,
-                               image_positions=pos2, cache=cache2, cache_valid=valid2).float()
-                v = guide_velocity(v[:B], v[B:], guidance, self.cfg_renorm_type, self.cfg_renorm_min)
-            else:
-                v = self._call("velocity", x_t=x, t=t.expand(B), grid=grid, markers=markers,
-                               image_positions=text_len, cache=cache, cache_valid=valid).float()
-            x = x - v * (ts[i] - ts[i + 1])
-        return tokens_to_latents(x, grid, self.config.latent_channels, self.config.latent_patch_size)
+        """Clean latents `[B, C, H/8, W/8]` (float32) for the prompts (the deterministic sampler)."""
+        tokens, _ = sample_latents(self, prompts, guidance, generator)
+        return tokens_to_latents(tokens, self.token_grid, self.config.latent_channels, self.config.latent_patch_size)
 
     def _vae(self):
         device = self.device
@@ -333,6 +315,11 @@ class BagelBackend(UMMBackend):
             v = self._call("context_velocity", ids=ids, valid=valid, x_t=x_t, t=t, grid=grid,
                            markers=markers).float()
         return (v - target).pow(2).mean(-1)
+
+    def step_logprobs(self, prompts, rollout):
+        """The rollout's recorded SDE steps under the model as it is now, with gradients
+        (`flow.recompute_step_logprobs`)."""
+        return recompute_step_logprobs(self, prompts, rollout)
 
     # ------------------------------------------------------------------------------------ understanding
     def _vit_inputs(self, image: Image.Image):
