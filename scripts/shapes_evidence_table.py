@@ -16,7 +16,7 @@ import json
 import math
 from types import SimpleNamespace
 
-from srum_trl.shapes.evidence import (CONTROL_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
+from srum_trl.shapes.evidence import (CONTROL_ARMS, GROUPED_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
                                       summarize)
 
 
@@ -65,7 +65,7 @@ def _label(arm: str, recipe: str, lr: float, labels: dict) -> str:
 
 def _recipe(config, arm: str, lr: float) -> str:
     name = parse_arm(arm)[0]
-    groups = f", groups of {config.num_generations}" if name in GRPO_ARMS or name.startswith("srum_grouped") else ""
+    groups = f", groups of {config.num_generations}" if name in GROUPED_ARMS else ""
     return f"{config.steps} x {config.batch_size}, lr {lr:g}{groups}"
 
 

@@ -42,6 +42,11 @@ def test_local_question_callable_takes_max(tiny_backend):
     assert m.global_score is None
     assert m.regions[0].score == pytest.approx(2 * p.max().item() - 1, abs=1e-5)
     assert UMMJudgeRewardFunction.scalar(m) == pytest.approx(m.regions[0].score)
+    # the region is labelled with the question that scored best (what object credit compares across images)
+    assert m.regions[0].label == ["is there a red circle here", "is there a blue square here"][int(p.argmax())]
+    # one template question: every region of a prompt shares the empty label
+    plain = UMMJudgeRewardFunction(tiny_backend, use_global=False, region_proposer=GridProposer(2))
+    assert {r.label for r in plain.judge([image], ["a red circle"])[0].regions} == {""}
 
 
 class _ScriptedBackend:

@@ -88,7 +88,7 @@ def test_reward_baseline_centres_the_round(tiny_janus, tmp_path, baseline):
 
 def test_prompt_baseline_compares_images_of_one_prompt(tiny_janus, tmp_path):
     from srum_trl.rewards import RewardMap
-    from srum_trl.trainers.srum_trainer import prompt_baselines
+    from srum_trl.trainers.credit import prompt_baselines
 
     assert prompt_baselines(["x", "y", "x", "y", "z"], [0.2, 1.0, 0.4, float("nan"), 0.7]) == pytest.approx(
         [0.3, 1.0, 0.3, 1.0, 0.7])

@@ -2,7 +2,7 @@
 
 from .judge import DEFAULT_QUESTIONS, UMMJudgeRewardFunction, parse_score
 from .regions import CallableProposer, GridProposer, RegionProposer, SAMProposer, build_proposer
-from .reward_map import MAP_RULES, Region, RewardMap, downsample, signed_rule, srum_rule
+from .reward_map import MAP_RULES, Region, RewardMap, downsample, global_weight, signed_rule, srum_rule
 from .visualize import render_reward_map
 
 __all__ = [
@@ -17,6 +17,7 @@ __all__ = [
     "UMMJudgeRewardFunction",
     "build_proposer",
     "downsample",
+    "global_weight",
     "parse_score",
     "render_reward_map",
     "signed_rule",

@@ -250,15 +250,16 @@ class UMMJudgeRewardFunction:
             scores = self._scores(q_images, questions)
         self.stats["questions"] += len(questions)
         asked: dict[int, float] = dict(enumerate(global_scores)) if global_scores is not None else {}
-        local: dict[tuple[int, int], float] = {}
-        for (i, k), s in zip(owners, scores):
+        local: dict[tuple[int, int], tuple[float, str]] = {}  # (best score, its question's label)
+        labelled = callable(self.local_question)  # several questions per region: the best one names the region
+        for (i, k), s, question in zip(owners, scores, questions):
             if k < 0:
                 asked[i] = s
-            else:
-                local[(i, k)] = max(s, local.get((i, k), -math.inf))
+            elif (i, k) not in local or s > local[(i, k)][0]:
+                local[(i, k)] = (s, question if labelled else "")
         maps = []
         for i, image in enumerate(images):
-            regions = [Region(tuple(b), local[(i, k)]) for k, b in enumerate(boxes_per_image[i])]
+            regions = [Region(tuple(b), *local[(i, k)]) for k, b in enumerate(boxes_per_image[i])]
             maps.append(
                 RewardMap.from_scores(image.size, grid, asked.get(i), regions, self.map_rule, self.downsample_mode)
             )

@@ -83,6 +83,16 @@ MAP_RULES: dict[str, Callable[[int, int, float, list[Region]], np.ndarray]] = {
 }
 
 
+def global_weight(global_score: float | None, rule: str | Callable = "srum") -> float:
+    """The weight that `rule` gives every token of an image judged only globally (no regions): `(g + 1) / 4` for
+    "srum", `g / 2` for "signed"; g = 1 when `global_score` is None, as in [`RewardMap.from_scores`]."""
+    rule_fn = MAP_RULES.get(rule) if isinstance(rule, str) else rule
+    if rule_fn is None:
+        raise ValueError(f"Unknown map rule {rule!r}; choose one of {sorted(MAP_RULES)} or pass a function.")
+    g = 1.0 if global_score is None else float(global_score)
+    return float(np.asarray(rule_fn(1, 1, g, []), dtype=np.float32).reshape(-1)[0])
+
+
 DOWNSAMPLE_MODES = ("bilinear", "area")
 
 

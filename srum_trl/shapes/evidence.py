@@ -13,6 +13,8 @@ Starting from the shipped base model, on training prompts only, each arm fine-tu
 | `srum_centered` | SRUM, global + local maps, minus the round's mean weight, lambda 0 (`reward_baseline="batch"`) | R - mean(R) |
 | `srum_grouped` | the same with groups of 8 images per prompt, minus the mean of the prompt's images (`"prompt"`) | R - mean_prompt(R) |
 | `srum_grouped_global` | `srum_grouped` with the global score only (a uniform map per image) | R - mean_prompt(R) |
+| `srum_position` | global + local maps, minus the mean at the same token position over the prompt's 8 images | R - mean_prompt,t(R) |
+| `srum_object` | the global score centred per prompt, plus each region's score against the same object in the prompt's other images, on that region's tokens (`local_credit="object"`) | (g - mean_prompt g)/4 + (s - b_object)/4 |
 | `grpo` | GRPO (UniRL) on the judge's global score, groups of 8 images per prompt | scalar advantage |
 | `grpo_dense` | the same with per-token advantages modulated by the judge's reward map | dense advantage |
 | `oracle` | only the images the exact scorer accepts (an upper-bound control, never shipped) | 0.5 if correct else 0 |
@@ -41,8 +43,9 @@ import numpy as np
 import torch
 
 ARMS = ("sft", "srum", "srum_global", "srum_local", "srum_signed", "srum_centered", "srum_grouped",
-        "srum_grouped_global", "grpo", "grpo_dense", "oracle", "grpo_oracle")
+        "srum_grouped_global", "srum_position", "srum_object", "grpo", "grpo_dense", "oracle", "grpo_oracle")
 GRPO_ARMS = ("grpo", "grpo_dense", "grpo_oracle")
+GROUPED_ARMS = GRPO_ARMS + ("srum_grouped", "srum_grouped_global", "srum_position", "srum_object")  # groups per prompt
 CONTROL_ARMS = ("oracle", "grpo_oracle")  # rewarded by the exact scorer: upper-bound controls, never shipped
 
 
@@ -227,6 +230,12 @@ def _arm_setup(arm: str, cfg: EvidenceConfig):
         return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "batch"}
     if arm in ("srum_grouped", "srum_grouped_global"):
         return [make_shapes_judge(use_local=arm == "srum_grouped")], {"constraint_weight": 0.0, "reward_baseline": "prompt",
+                                       "num_generations": cfg.num_generations}
+    if arm == "srum_position":
+        return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "position",
+                                       "num_generations": cfg.num_generations}
+    if arm == "srum_object":
+        return [make_shapes_judge()], {"constraint_weight": 0.0, "reward_baseline": "prompt", "local_credit": "object",
                                        "num_generations": cfg.num_generations}
     settings = {"srum": {}, "srum_global": {"use_local": False}, "srum_local": {"use_global": False},
                 "srum_signed": {"map_rule": "signed"}}

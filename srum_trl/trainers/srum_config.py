@@ -8,7 +8,8 @@ from trl.trainer.base_config import _BaseConfig
 
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
-_REWARD_BASELINES = ("none", "batch", "prompt")
+_REWARD_BASELINES = ("none", "batch", "prompt", "position")
+_LOCAL_CREDITS = ("map", "object")
 
 
 @dataclass
@@ -52,6 +53,20 @@ class SRUMConfig(_BaseConfig):
             image is only compared with images of its own prompt. With on-the-fly rollouts and the guided loss the
             samples come from the distribution being trained, where the expected gradient of any constant weight is
             zero: a baseline (and `constraint_weight=0`) removes that noise and leaves a per-token policy gradient.
+            "position": each token's weight minus the mean weight at the same token position over the round's
+            images of the same prompt (`num_generations` > 1): a background that every image of the prompt shares
+            carries no weight, where a per-image or per-prompt mean would give most background tokens a negative
+            one.
+        local_credit (`str`, *optional*, defaults to `"map"`):
+            How region scores reach the tokens. "map" (the paper's): through the map rule (`map_rule`), inside the
+            reward map R. "object": R is the map of the global score alone (uniform per image) and each judged
+            region adds `local_credit_weight * (s - b) / 4` on the tokens it covers, with s its score and b the mean
+            score of the regions with the same label (the local question that scored best) in the other images of
+            its prompt: a region is compared with the same object elsewhere, never with background. Needs
+            `num_generations` > 1 and `use_local_reward=True`; /4 puts region scores on the scale of the srum rule's
+            global term (g + 1) / 4.
+        local_credit_weight (`float`, *optional*, defaults to `1.0`):
+            beta, the weight of the region credit of `local_credit="object"`.
         num_generations (`int`, *optional*, defaults to `1`):
             Images sampled per prompt in a round (on-the-fly rollouts): each prompt is repeated this many times, next
             to each other, in the round. The per-process round (`per_device_train_batch_size x
@@ -126,10 +141,19 @@ class SRUMConfig(_BaseConfig):
     reward_baseline: str = field(
         default="none",
         metadata={"help": "'none' (the paper's weight R + lambda), 'batch' (R - mean of the round + lambda) or "
-                  "'prompt' (R - mean over the round's images of the same prompt + lambda)."},
+                  "'prompt' (R - mean over the round's images of the same prompt + lambda) or 'position' (R - the "
+                  "mean at the same token position over the prompt's images + lambda)."},
     )
     num_generations: int = field(
-        default=1, metadata={"help": "Images per prompt in a round (for reward_baseline='prompt')."}
+        default=1, metadata={"help": "Images per prompt in a round (for reward_baseline='prompt'/'position')."}
+    )
+    local_credit: str = field(
+        default="map",
+        metadata={"help": "'map' (region scores through the map rule, the paper's) or 'object' (each region's score "
+                  "against the same object in the prompt's other images, on the region's tokens only)."},
+    )
+    local_credit_weight: float = field(
+        default=1.0, metadata={"help": "beta, the weight of the region credit of local_credit='object'."}
     )
     loss_guidance: str = field(
         default="guided",
@@ -161,6 +185,13 @@ class SRUMConfig(_BaseConfig):
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
         if self.reward_baseline not in _REWARD_BASELINES:
             raise ValueError(f"reward_baseline must be one of {_REWARD_BASELINES}, got {self.reward_baseline!r}.")
+        if self.local_credit not in _LOCAL_CREDITS:
+            raise ValueError(f"local_credit must be one of {_LOCAL_CREDITS}, got {self.local_credit!r}.")
+        if self.local_credit == "object" and not self.use_local_reward:
+            raise ValueError("local_credit='object' spreads region scores over their tokens, but use_local_reward=False "
+                             "scores no region: set use_local_reward=True or local_credit='map'.")
+        if self.local_credit_weight < 0:
+            raise ValueError(f"local_credit_weight must be >= 0, got {self.local_credit_weight}.")
         if self.num_generations < 1:
             raise ValueError(f"num_generations must be >= 1, got {self.num_generations}.")
         if (self.per_device_train_batch_size * self.steps_per_generation) % self.num_generations != 0:

@@ -23,8 +23,9 @@ from trl.trainer.utils import RepeatSampler
 
 from ..data.rollouts import is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
-from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
+from ..rewards import RewardMap, UMMJudgeRewardFunction, global_weight, render_reward_map
 from .base import UMMTrainerBase, identity_collator, nanmean
+from .credit import object_credit, position_baselines, prompt_baselines
 from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
 from .srum_config import SRUMConfig
 
@@ -35,15 +36,6 @@ _CITATION = """\
     journal = {arXiv preprint arXiv:2510.12784},
     year    = {2025}
 }"""
-
-
-def prompt_baselines(prompts: list[str], image_means: list[float]) -> list[float]:
-    """Per image, the mean of `image_means` over the images of the same prompt (NaN values left out)."""
-    groups: dict[str, list[float]] = {}
-    for prompt, value in zip(prompts, image_means):
-        groups.setdefault(prompt, []).append(value)
-    means = {prompt: nanmean(values) for prompt, values in groups.items()}
-    return [means[prompt] for prompt in prompts]
 
 
 class SRUMTrainer(UMMTrainerBase):
@@ -123,10 +115,17 @@ class SRUMTrainer(UMMTrainerBase):
                 f"({round_size} = per_device_train_batch_size x steps_per_generation x processes, over "
                 f"num_generations={args.num_generations}): lower those or add prompts."
             )
-        if args.reward_baseline == "prompt" and args.num_generations == 1 and not self.offline:
+        grouped = [f"reward_baseline={args.reward_baseline!r}"] if args.reward_baseline in ("prompt", "position") else []
+        grouped += ["local_credit='object'"] if args.local_credit == "object" else []
+        if grouped and args.num_generations == 1 and not self.offline:
             raise ValueError(
-                "reward_baseline='prompt' compares the images of one prompt, but num_generations=1 samples one image "
+                f"{' and '.join(grouped)} compares the images of one prompt, but num_generations=1 samples one image "
                 "per prompt (every weight would be 0): set num_generations >= 2."
+            )
+        if self.offline and (args.reward_baseline == "position" or args.local_credit == "object"):
+            raise ValueError(
+                "reward_baseline='position' and local_credit='object' compare the images of one prompt within a round "
+                "of on-the-fly rollouts; a stored rollout dataset has no such rounds: train on prompts instead."
             )
         if eval_dataset is not None and args.per_device_eval_batch_size % args.num_generations != 0:
             raise ValueError(
@@ -208,7 +207,11 @@ class SRUMTrainer(UMMTrainerBase):
             maps, rewards = self._as_forward(self._judge, rollout, mode)
             metrics["timing/generate_s"].append(t1 - t0)
             metrics["timing/judge_s"].append(time.perf_counter() - t1)
-            weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
+            if self.args.local_credit == "object":  # the global score's map alone; regions add credit below
+                weights = torch.tensor([global_weight(m.global_score, self.judge.map_rule) for m in maps])
+                weights = weights[:, None].expand(-1, rollout.grid[0] * rollout.grid[1]).contiguous()
+            else:
+                weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
             self._last_round = (rollout, maps)
             if rollout.guidance_margin is not None:
                 metrics["guidance_margin"].append(nanmean(self._gather(rollout.guidance_margin.tolist())))
@@ -218,17 +221,28 @@ class SRUMTrainer(UMMTrainerBase):
         metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
         image_means = self._gather(weights.float().mean(dim=1).tolist())  # equal token counts per image
         metrics["srum/token_weight"].append(nanmean(image_means))
-        if self.args.reward_baseline == "batch":
-            weights = weights.float() - nanmean(image_means)
-        elif self.args.reward_baseline == "prompt":
-            prompts = list(rollout.prompts)
-            if self.accelerator.num_processes > 1:
-                prompts = gather_object(prompts)
-            baselines = prompt_baselines(prompts, image_means)
-            start = self.accelerator.process_index * len(rollout)  # every process holds as many images
-            local = torch.tensor(baselines[start : start + len(rollout)], dtype=torch.float32)
-            weights = weights.float() - local[:, None]
+        baseline, weights = self.args.reward_baseline, weights.float()
+        if baseline in ("prompt", "position") or self.args.local_credit == "object":
+            prompts = self._gather_objects(list(rollout.prompts))
+            index = self.accelerator.process_index
+            mine = slice(index * len(rollout), (index + 1) * len(rollout))  # every process holds as many images
+        if baseline == "batch":
+            weights = weights - nanmean(image_means)
+        elif baseline == "prompt":
+            weights = weights - torch.tensor(prompt_baselines(prompts, image_means)[mine], dtype=torch.float32)[:, None]
+        elif baseline == "position":
+            every = torch.tensor(self._gather_objects(weights.tolist()), dtype=torch.float32)
+            weights = weights - position_baselines(prompts, every)[mine]
+        if self.args.local_credit == "object" and maps is not None:
+            regions = self._gather_objects([[(r.label, r.score, r.box) for r in m.regions] for m in maps])
+            credit = object_credit(prompts, regions, rollout.images[0].size, rollout.grid)[mine]
+            metrics["srum/object_credit"].append(nanmean(self._gather([float(credit.abs().mean())])))
+            weights = weights + self.args.local_credit_weight / 4 * credit
         return {"rollout": rollout, "weights": weights}
+
+    def _gather_objects(self, values: list) -> list:
+        """`values` (picklable, one per local image) of every process, concatenated in process order."""
+        return gather_object(values) if self.accelerator.num_processes > 1 else values
 
     def _prepare_inputs(self, batch):
         mode = "train" if self.model.training else "eval"
