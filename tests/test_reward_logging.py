@@ -92,3 +92,30 @@ def test_trackio_run_gets_metrics_and_reward_map_images(tmp_path):
     logged = [json.loads(r[0]) for r in rows]
     assert any("train/reward" in m for m in logged)
     assert sum(1 for m in logged for k in m if k.startswith("reward_maps/")) == 4
+
+
+def test_another_vlm_judges_srum_and_grpo_with_its_region_maps(tiny_janus, tmp_path):
+    """A VLMJudgeReward (a tiny random LLaVA) is SRUM's judge, maps included, and GRPO's dense-advantage judge."""
+    from srum_trl import GRPOUMMConfig, GRPOUMMTrainer
+    from srum_trl.rewards import VLMJudgeReward
+
+    from tiny_hf import tiny_llava
+
+    model, processor = tiny_janus
+    judge = VLMJudgeReward(tiny_llava(tmp_path / "llava"), region_proposer="grid", device="cpu")
+    data = Dataset.from_dict({"prompt": ["a red circle", "a blue square"] * 2})
+    args = SRUMConfig(output_dir=str(tmp_path / "s"), per_device_train_batch_size=2, max_steps=1, bf16=False,
+                      report_to=[], save_strategy="no", guidance_scale=3.0, save_reward_maps=1, logging_steps=1)
+    trainer = SRUMTrainer(model, reward_funcs=judge, args=args, train_dataset=data, processing_class=processor)
+    assert trainer.judge is judge and judge.backend is not trainer.backend  # binding keeps the other model
+    trainer.train()
+    rollout, maps = trainer._last_round
+    assert [m.token_map.shape for m in maps] == [tuple(rollout.grid)] * 2 and all(len(m.regions) == 4 for m in maps)
+    assert os.listdir(tmp_path / "s" / "reward_maps")
+    grpo = GRPOUMMTrainer(model, reward_funcs=[judge], processing_class=processor, train_dataset=data,
+                          args=GRPOUMMConfig(output_dir=str(tmp_path / "g"), per_device_train_batch_size=2,
+                                             num_generations=2, max_steps=1, bf16=False, report_to=[],
+                                             save_strategy="no", guidance_scale=3.0, advantage_mode="dense",
+                                             save_reward_maps=1, logging_steps=1))
+    grpo.train()
+    assert os.listdir(tmp_path / "g" / "reward_maps")

@@ -133,6 +133,7 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
     with open(os.path.join(settings.out, "results.md"), "w") as f:
         f.write(table + "\n")
     report["table"] = table
+    report["scores"] = {n: r["scores"] for n, r in results.items()}  # per image, in prompt order (not in the JSON)
     return report
 
 

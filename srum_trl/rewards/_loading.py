@@ -5,7 +5,6 @@ optional library with a message that names the extra to install."""
 from __future__ import annotations
 
 import importlib
-import math
 import os
 
 import numpy as np
@@ -156,11 +155,3 @@ def model_device(model: torch.nn.Module) -> torch.device:
         return next(model.parameters()).device
     except StopIteration:
         return torch.device("cpu")
-
-
-def nan_if_none(value) -> float:
-    return float("nan") if value is None else float(value)
-
-
-def is_nan(value) -> bool:
-    return isinstance(value, float) and math.isnan(value)
