@@ -21,15 +21,18 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import math
 import os
 import time
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import warnings
+
 import torch
 from datasets import Dataset
 from peft import LoraConfig
+from transformers import PrinterCallback
+from transformers.utils import logging as hf_logging
 
 from srum_trl import SRUMConfig, SRUMTrainer
 from srum_trl.eval import EvalSettings, evaluate_models, paired_difference
@@ -43,17 +46,28 @@ def _pct(x: float) -> str:
 
 
 def _difference(d: dict) -> str:
-    z = d["mean"] / d["se"] if d["se"] > 0 else float("nan")
+    if not d["se"] > 0:  # NaN, or every prompt moved the same way: no spread to measure an error from
+        return f"{100 * d['mean']:+.1f} points (too few prompts to estimate its error)"
+    z = d["mean"] / d["se"]
     verdict = ("beyond 2 standard errors: a real difference" if abs(z) >= 2 else
                "within 2 standard errors: not distinguishable from sampling noise")
-    return f"{100 * d['mean']:+.1f} points ± {100 * d['se']:.1f} (standard error, {z:+.1f} SE; {verdict})"
+    return f"{100 * d['mean']:+.1f} points ± {100 * d['se']:.1f} (standard error; {z:+.1f} SE, {verdict})"
+
+
+def quiet():
+    """Only this script's own lines: no library progress bars, per-step log dicts or deprecation notices."""
+    hf_logging.set_verbosity_error()
+    hf_logging.disable_progress_bar()
+    warnings.filterwarnings("ignore", category=FutureWarning)
+    warnings.filterwarnings("ignore", message=".*pin_memory.*")
 
 
 def main():
+    quiet()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
-    parser.add_argument("--num_prompts", type=int, default=256, help="held-out prompts scored per model")
-    parser.add_argument("--max_steps", type=int, default=8, help="steps of your SRUM run")
+    parser.add_argument("--num_prompts", type=int, default=512, help="held-out prompts scored per model")
+    parser.add_argument("--max_steps", type=int, default=6, help="steps of your SRUM run")
     parser.add_argument("--prompts_per_step", type=int, default=4, help="x 8 images each")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
@@ -98,6 +112,7 @@ def main():
         train_dataset=Dataset.from_dict({"prompt": train_prompts()}),
         peft_config=LoraConfig(r=32, lora_alpha=64),
     )
+    trainer.remove_callback(PrinterCallback)  # the step metrics are summarised below
     trainer.train()
     trainer.save_model(config.output_dir)
     rewards = [log["reward"] for log in trainer.state.log_history if "reward" in log]
@@ -129,7 +144,7 @@ def main():
     print(f"     base {_pct(base['overall'])}, shipped adapter {_pct(shipped['overall'])}, yours "
           f"{_pct(yours['overall'])} ± {100 * yours['overall_se']:.1f}")
     print(f"     yours against the base: {_difference(d)}.")
-    if abs(d["mean"]) < 2 * d["se"] or math.isnan(d["se"]):
+    if not abs(d["mean"]) >= 2 * d["se"] > 0:
         print(f"     A run this short ({steps * batch} images) is not expected to show a significant gain: the shipped "
               "adapter saw 12,800\n     (python -m srum_trl.shapes.evidence reproduces it on a GPU in a few minutes).")
     print(f"\nYour LoRA adapter: {config.output_dir}; reward-map picture (an image beside the judge's map): {picture};"

@@ -99,6 +99,8 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
         name = _name(adapter, taken)
         backend = load_backend(model, adapter=adapter, dtype=settings.dtype,
                                attn_implementation=settings.attn_implementation)
+        if adapter is not None and settings.protocol != "judge" and hasattr(backend.model, "merge_and_unload"):
+            backend.model = backend.model.merge_and_unload()  # same outputs, generation as fast as the base's
         backend.model.to(device)
         rollout = backend.generate(prompts, config, seed=settings.seed, progress=progress)
         scored = protocol.score(rollout.images, row_records, backend=backend)
@@ -137,10 +139,10 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
     return report
 
 
-def _fmt(value: float, se: float, percent: bool) -> str:
+def _fmt(value: float, se: float, percent: bool, unit: str = "%") -> str:
     if math.isnan(value):
         return "n/a"
-    scale, unit = (100.0, "%") if percent else (1.0, "")
+    scale, unit = (100.0, unit) if percent else (1.0, "")
     digits = 1 if percent or abs(value) >= 10 else 3
     text = f"{value * scale:.{digits}f}{unit}"
     return text if math.isnan(se) else f"{text} ± {se * scale:.{digits}f}"
@@ -163,7 +165,7 @@ def markdown_table(report: dict) -> str:
     for n in names[1:]:
         d = report["differences"][n]
         sign = "+" if d["mean"] >= 0 else ""
-        diffs.append(sign + _fmt(d["mean"], d["se"], percent) + _verdict(d))
+        diffs.append(sign + _fmt(d["mean"], d["se"], percent, unit=" pts") + _verdict(d))
     lines.append(["**overall**", *overall, *diffs])
     header += [f"{n} - {names[0]}" for n in names[1:]]
     out = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
