@@ -67,8 +67,8 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
     parser.add_argument("--num_prompts", type=int, default=512, help="held-out prompts scored per model")
-    parser.add_argument("--max_steps", type=int, default=6, help="steps of your SRUM run")
-    parser.add_argument("--prompts_per_step", type=int, default=4, help="x 8 images each")
+    parser.add_argument("--max_steps", type=int, default=3, help="steps of your SRUM run")
+    parser.add_argument("--prompts_per_step", type=int, default=2, help="x 8 images each")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--evaluate_yours", action=argparse.BooleanOptionalAction, default=None,
