@@ -212,7 +212,8 @@ class SRUMTrainer(UMMTrainerBase):
             rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
             t1 = time.perf_counter()
             columns = {k: [row[k] for row in batch] for k in batch[0] if k not in ("prompt", "completion")}
-            maps, rewards = self._as_forward(self._judge, rollout, mode, columns)
+            extra = (columns,) if columns else ()  # a `_judge(rollout, mode)` override keeps working
+            maps, rewards = self._as_forward(self._judge, rollout, mode, *extra)
             metrics["timing/generate_s"].append(t1 - t0)
             metrics["timing/judge_s"].append(time.perf_counter() - t1)
             weights = torch.stack([torch.from_numpy(m.token_map.reshape(-1)) for m in maps])
