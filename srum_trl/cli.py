@@ -142,32 +142,62 @@ def cmd_rollout(argv):
     print(f"{len(dataset)} judged rollouts in {gen.out}; mean reward {sum(rewards) / len(rewards):+.4f}")
 
 
+@dataclass
+class EvalArgs:
+    """What `srum-trl eval` measures (docs/eval.md)."""
+
+    protocol: str = field(default="judge", metadata={
+        "help": "shapes, geneval, compbench, ocr, clip or judge (the model's own judge)."})
+    compare_base: bool = field(default=False, metadata={
+        "help": "With --adapter: also evaluate the model without it, side by side on the same prompts and seeds."})
+    samples_per_prompt: int = field(default=1, metadata={"help": "Images per prompt."})
+    reward_model: str | None = field(default=None, metadata={
+        "help": "Checkpoint of the protocol's scorer: a zero-shot detector (geneval), a multimodal model "
+                "(compbench) or a CLIP model (clip). Defaults in docs/eval.md."})
+    reward_processor: str | None = field(default=None, metadata={"help": "Its processor, if not in its folder."})
+    color_model: str | None = field(default=None, metadata={"help": "geneval: a CLIP checkpoint for colours."})
+    clip_scale: str = field(default="cosine", metadata={"help": "clip: cosine, clipscore or pickscore."})
+    threshold: float | None = field(default=None, metadata={"help": "geneval: detection score threshold."})
+    counting_threshold: float | None = field(default=None, metadata={"help": "geneval: threshold of counting prompts."})
+    max_new_tokens: int = field(default=128, metadata={"help": "compbench: answer length."})
+    save_images: bool = field(default=True, metadata={"help": "Keep the generated images under --out/<model>/images."})
+
+
 def cmd_eval(argv):
-    """Generate for prompts and report the judge's mean reward (JSON to --out/eval.json)."""
+    """Generate for a prompt file and score the images with a protocol; per-category JSON and a markdown table."""
     from transformers import HfArgumentParser
 
-    from .data.prompts import load_prompts
+    from .eval import EvalSettings, evaluate_models
 
-    model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
-    backend = _load(model_args)
-    prompts = load_prompts(gen.prompts)
-    rollout = backend.generate(prompts, _generation(gen), seed=gen.seed, progress=True)
-    judge = _judge(judge_args, backend)
-    maps = judge.judge(rollout.images, prompts, rollout.grid)
-    rewards = [judge.scalar(m) for m in maps]
-    result = {
-        "model": model_args.model,
-        "adapter": model_args.adapter,
-        "num_prompts": len(prompts),
-        "mean_reward": sum(rewards) / len(rewards),
-        "mean_token_weight": float(sum(m.token_map.mean() for m in maps) / len(maps)),
-        "guidance_scale": gen.guidance_scale,
-        "seed": gen.seed,
-    }
-    os.makedirs(gen.out, exist_ok=True)
-    with open(os.path.join(gen.out, "eval.json"), "w") as f:
-        json.dump(result, f, indent=2)
-    print(json.dumps(result, indent=2))
+    model_args, gen, judge_args, eval_args = HfArgumentParser(
+        (ModelArgs, GenerateArgs, JudgeArgs, EvalArgs)).parse_args_into_dataclasses(argv)
+    if eval_args.compare_base and model_args.adapter is None:
+        raise SystemExit("--compare_base compares the model with and without --adapter: pass --adapter too.")
+    adapters = ([None] if eval_args.compare_base else []) + [model_args.adapter]
+    settings = EvalSettings(protocol=eval_args.protocol, prompts=gen.prompts, out=gen.out, seed=gen.seed,
+                            samples_per_prompt=eval_args.samples_per_prompt, guidance_scale=gen.guidance_scale,
+                            temperature=gen.temperature, batch_size=gen.batch_size, device=model_args.device,
+                            dtype=model_args.dtype, attn_implementation=model_args.attn_implementation)
+    options = {"reward_model": eval_args.reward_model, "reward_processor": eval_args.reward_processor,
+               "color_model": eval_args.color_model, "clip_scale": eval_args.clip_scale,
+               "threshold": eval_args.threshold, "counting_threshold": eval_args.counting_threshold,
+               "max_new_tokens": eval_args.max_new_tokens, "judge_mode": judge_args.judge_mode,
+               "region_proposer": judge_args.region_proposer, "region_grid": judge_args.region_grid,
+               "map_rule": judge_args.map_rule}
+    try:
+        report = evaluate_models(model_args.model, adapters, settings, options, save_images=eval_args.save_images)
+    except ValueError as err:
+        raise SystemExit(f"srum-trl eval: {err}") from None
+    if eval_args.protocol == "judge":  # the summary this command always wrote, for the last model evaluated
+        name = list(report["models"])[-1]
+        scores = json.load(open(os.path.join(gen.out, name, "scores.json")))["per_image"]
+        with open(os.path.join(gen.out, "eval.json"), "w") as f:
+            json.dump({"model": model_args.model, "adapter": model_args.adapter, "num_prompts": report["num_prompts"],
+                       "mean_reward": report["models"][name]["overall"],
+                       "mean_token_weight": sum(s["token_weight"] for s in scores) / len(scores),
+                       "guidance_scale": gen.guidance_scale, "seed": gen.seed}, f, indent=2)
+    print(report["table"])
+    print(f"written to {gen.out} (results.json, results.md, one folder per model)")
 
 
 def run_training(trainer_cls, config_cls, argv, prog: str):

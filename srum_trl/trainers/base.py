@@ -134,6 +134,52 @@ class UMMTrainerBase(_BaseTrainer):
         self._metrics[mode].clear()
         super().log(logs, start_time)
 
+    def _save_reward_maps(self) -> None:
+        """Pictures of the last round's first `save_reward_maps` images beside their reward maps: PNGs under
+        `output_dir/reward_maps/` and images for the trackers (`_log_images`)."""
+        from ..rewards import render_reward_map
+
+        if self._last_round is getattr(self, "_pictured_round", None):
+            return  # already drawn at an earlier log of the same round (e.g. the closing log of `train`)
+        self._pictured_round = self._last_round
+        rollout, maps = self._last_round
+        folder = os.path.join(self.args.output_dir, "reward_maps")
+        os.makedirs(folder, exist_ok=True)
+        pictures = []
+        for i in range(min(self.args.save_reward_maps, len(maps))):
+            picture = render_reward_map(rollout.images[i], maps[i], rollout.prompts[i])
+            picture.save(os.path.join(folder, f"step{self.state.global_step:06d}_{i}.png"))
+            pictures.append((picture, rollout.prompts[i]))
+        self._log_images("reward_maps", pictures)
+
+    def _log_images(self, key: str, pictures: list) -> None:
+        """Send `(image, caption)` pictures to the trackers of `report_to` that take images (trackio, W&B,
+        TensorBoard), as `key/0`, `key/1`, ... at the current step. Trackers that are not running are skipped."""
+        report = self.args.report_to or []
+        if not pictures or not self.is_world_process_zero():
+            return
+        step = self.state.global_step
+        named = {f"{key}/{i}": pair for i, pair in enumerate(pictures)}
+        if "trackio" in report:
+            import trackio
+
+            if trackio.context_vars.current_run.get() is not None:
+                trackio.log({**{k: trackio.Image(p, caption=c) for k, (p, c) in named.items()},
+                             "train/global_step": step})
+        if "wandb" in report:
+            import wandb
+
+            if wandb.run is not None:
+                wandb.log({**{k: wandb.Image(p, caption=c) for k, (p, c) in named.items()}, "train/global_step": step})
+        if "tensorboard" in report:
+            import numpy as np
+
+            for callback in self.callback_handler.callbacks:
+                writer = getattr(callback, "tb_writer", None)
+                if writer is not None:
+                    for k, (p, _) in named.items():
+                        writer.add_image(k, np.asarray(p.convert("RGB")), step, dataformats="HWC")
+
     def _save_checkpoint(self, model, trial):
         name = self.args.hub_model_id.split("/")[-1] if self.args.hub_model_id else os.path.basename(
             os.path.normpath(self.args.output_dir))

@@ -123,6 +123,13 @@ def func_name(f) -> str:
     return getattr(f, "__name__", None) or type(f).__name__
 
 
+def weighted_nanmean(values, weights) -> float:
+    """`sum(w * v) / sum(w)` over the values that are not NaN (NaN when none is, or their weights sum to 0)."""
+    pairs = [(float(w), float(v)) for v, w in zip(values, weights) if not math.isnan(float(v))]
+    total = sum(w for w, _ in pairs)
+    return sum(w * v for w, v in pairs) / total if total > 0 else float("nan")
+
+
 def masked_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> torch.Tensor:
     """Mean of `values` (optionally weighted elementwise) over all finite entries."""
     finite = torch.isfinite(values)

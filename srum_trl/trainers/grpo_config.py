@@ -133,6 +133,10 @@ class GRPOUMMConfig(_BaseConfig):
             Default judge: pixel map to token grid, "bilinear" or "area".
         judge_frozen (`bool`, *optional*, defaults to `True`):
             Default judge: with a PEFT model, judge with the adapters disabled (the frozen starting point).
+        save_reward_maps (`int`, *optional*, defaults to `0`):
+            At every logging step, save this many pictures of the last round (image beside the judge's reward map)
+            under `output_dir/reward_maps/` and send them to the trackers in `report_to` that take images (trackio,
+            W&B, TensorBoard). Needs a [`UMMJudgeRewardFunction`] among the reward functions.
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -189,6 +193,10 @@ class GRPOUMMConfig(_BaseConfig):
         default="scalar", metadata={"help": "'scalar' (plain GRPO) or 'dense' (spread by the judge's reward map)."}
     )
     sft_best_of_n: bool = field(default=False, metadata={"help": "Self-SFT on the best image of each group only."})
+    save_reward_maps: int = field(
+        default=0, metadata={"help": "Reward-map pictures per logging step: PNGs under output_dir/reward_maps and "
+                             "images for the trackers of report_to (trackio, wandb, tensorboard)."}
+    )
     sft_loss_guidance: str = field(default="guided", metadata={"help": "Self-SFT loss: 'guided' or 'conditional'."})
     sft_text_dropout: float | None = field(
         default=None, metadata={"help": "Self-SFT prompt dropout (default 0.1 conditional, 0 guided)."}

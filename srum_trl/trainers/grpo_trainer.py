@@ -138,6 +138,12 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
         if self.ref_backend is not None and self.ref_backend is not self.backend:
             self.ref_backend.model.to(self.accelerator.device)
         self._init_state()
+        self._last_round = None
+
+    def log(self, logs: dict, start_time: float | None = None) -> None:
+        super().log(logs, start_time)
+        if self.args.save_reward_maps and self._last_round is not None and self.is_world_process_zero():
+            self._save_reward_maps()
 
     def _resolve_reward_funcs(self, reward_funcs, args) -> list:
         if reward_funcs is None:
@@ -210,6 +216,7 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
                 maps = f.judge(images, prompts, rollout.grid, pixels=rollout.pixels)
                 values = [f.scalar(m) for m in maps]
                 if f is self.judge:
+                    self._last_round = (rollout, maps)
                     token_maps = torch.stack([
                         normalise_token_map(torch.from_numpy(m.token_map.reshape(-1)), m.rule) for m in maps
                     ])

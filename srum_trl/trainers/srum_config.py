@@ -97,7 +97,12 @@ class SRUMConfig(_BaseConfig):
             With a PEFT model, judge with the adapters disabled (the frozen starting point) rather than the policy.
         save_reward_maps (`int`, *optional*, defaults to `0`):
             At every logging step, save this many pictures (image beside its reward map) under
-            `output_dir/reward_maps/`.
+            `output_dir/reward_maps/`, and send them to the trackers in `report_to` that take images (trackio, W&B,
+            TensorBoard).
+        reward_weights (`list[float]`, *optional*):
+            One non-negative weight per plain reward function of `reward_funcs`: the global score is their weighted
+            mean over the functions that apply to an image (NaN values skipped), so it stays in [-1, 1]. Defaults
+            to equal weights.
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -171,7 +176,11 @@ class SRUMConfig(_BaseConfig):
     use_local_reward: bool = field(default=True, metadata={"help": "Score regions."})
     judge_frozen: bool = field(default=True, metadata={"help": "Judge with LoRA adapters disabled."})
     save_reward_maps: int = field(
-        default=0, metadata={"help": "Reward-map pictures saved per logging step under output_dir/reward_maps."}
+        default=0, metadata={"help": "Reward-map pictures per logging step: PNGs under output_dir/reward_maps and "
+                             "images for the trackers of report_to (trackio, wandb, tensorboard)."}
+    )
+    reward_weights: list[float] | None = field(
+        default=None, metadata={"help": "Weights of the plain reward functions (weighted mean; default equal)."}
     )
 
     def __post_init__(self):
@@ -219,5 +228,7 @@ class SRUMConfig(_BaseConfig):
             raise ValueError(f"steps_per_generation must be >= 1, got {self.steps_per_generation}.")
         if self.constraint_weight < 0:
             raise ValueError(f"constraint_weight (lambda) must be >= 0, got {self.constraint_weight}.")
+        if self.reward_weights is not None and any(w < 0 for w in self.reward_weights):
+            raise ValueError(f"reward_weights must be >= 0 (a weighted mean), got {self.reward_weights}.")
         if not (self.use_global_reward or self.use_local_reward):
             raise ValueError("use_global_reward and use_local_reward are both False: nothing would be judged.")

@@ -13,7 +13,6 @@ One step, linear:
 from __future__ import annotations
 
 import math
-import os
 import time
 
 import torch
@@ -23,10 +22,11 @@ from trl.trainer.utils import RepeatSampler
 
 from ..data.rollouts import is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
-from ..rewards import RewardMap, UMMJudgeRewardFunction, global_weight, render_reward_map
+from ..rewards import RewardMap, UMMJudgeRewardFunction, global_weight
 from .base import UMMTrainerBase, identity_collator, nanmean
+from .common import (check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge,
+                     weighted_nanmean)
 from .credit import object_credit, position_baselines, prompt_baselines
-from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
 from .srum_config import SRUMConfig
 
 _CITATION = """\
@@ -45,8 +45,9 @@ class SRUMTrainer(UMMTrainerBase):
         model: a model folder / Hub id, a `PreTrainedModel` of a supported family, or a [`UMMBackend`].
         reward_funcs: `None` (the model judges itself with the config's judge settings), a
             [`UMMJudgeRewardFunction`] (e.g. another model as judge), or a list holding at most one judge plus plain
-            callables with TRL's signature `(prompts, completions, **kwargs) -> list[float]`, whose mean (values in
-            [-1, 1]) replaces the judge's global score; the judge then only scores regions.
+            callables with TRL's signature `(prompts, completions, **kwargs) -> list[float]` (the dataset's other
+            columns and `trainer_state` come as keyword arguments), whose weighted mean (`reward_weights`; values in
+            [-1, 1], NaN skipped) replaces the judge's global score; the judge then only scores regions.
         args: an [`SRUMConfig`].
         train_dataset: a `datasets.Dataset` with a "prompt" column (rollouts made on the fly), or a rollout
             dataset written by `srum_trl.data.build_rollouts` / `srum-trl rollout` (the paper's offline pipeline).
@@ -84,6 +85,10 @@ class SRUMTrainer(UMMTrainerBase):
         check_train_dataset(eval_dataset, "eval_dataset")
         self.backend = resolve_backend(model, args, processing_class, peft_config)
         self.judge, self.reward_funcs = resolve_judge(reward_funcs, args, self.backend)
+        self.reward_weights = args.reward_weights or [1.0] * len(self.reward_funcs)
+        if len(self.reward_weights) != len(self.reward_funcs):
+            raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} plain "
+                             "reward functions (the UMMJudgeRewardFunction, which makes the maps, takes none).")
         self.offline = train_dataset is not None and is_rollout_dataset(train_dataset)
         if self.offline and tuple(train_dataset[0]["grid"]) != tuple(self.backend.token_grid):
             raise ValueError(
@@ -165,20 +170,21 @@ class SRUMTrainer(UMMTrainerBase):
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False)
 
     # ------------------------------------------------------------------------------------------- rollouts
-    def _judge(self, rollout, mode: str) -> tuple[list[RewardMap], list[float]]:
+    def _judge(self, rollout, mode: str, columns: dict | None = None) -> tuple[list[RewardMap], list[float]]:
         prompts, images = rollout.prompts, rollout.images
         metrics = self._metrics[mode]
         global_scores = None
         if self.reward_funcs:
             per_func = []
             for f in self.reward_funcs:
-                values = check_rewards(f(prompts=prompts, completions=images), len(images), func_name(f))
+                values = f(prompts=prompts, completions=images, trainer_state=self.state, **(columns or {}))
+                values = check_rewards(values, len(images), func_name(f))
                 for v in values:
                     if not math.isnan(v) and not -1.0 <= v <= 1.0:
                         raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
                 metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(self._gather(values)))
                 per_func.append(values)
-            global_scores = [nanmean(list(col)) for col in zip(*per_func)]
+            global_scores = [weighted_nanmean(col, self.reward_weights) for col in zip(*per_func)]
             global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
         unparsed_before = self.judge.stats["unparsed"]
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores, pixels=rollout.pixels)
@@ -204,7 +210,9 @@ class SRUMTrainer(UMMTrainerBase):
             seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self._step + self.args.process_index
             rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
             t1 = time.perf_counter()
-            maps, rewards = self._as_forward(self._judge, rollout, mode)
+            columns = {k: [row[k] for row in batch] for k in batch[0] if k not in ("prompt", "completion")}
+            extra = (columns,) if columns else ()  # a `_judge(rollout, mode)` override keeps working
+            maps, rewards = self._as_forward(self._judge, rollout, mode, *extra)
             metrics["timing/generate_s"].append(t1 - t0)
             metrics["timing/judge_s"].append(time.perf_counter() - t1)
             if self.args.local_credit == "object":  # the global score's map alone; regions add credit below
@@ -278,14 +286,6 @@ class SRUMTrainer(UMMTrainerBase):
         super().log(logs, start_time)
         if self.args.save_reward_maps and self._last_round is not None and self.is_world_process_zero():
             self._save_reward_maps()
-
-    def _save_reward_maps(self) -> None:
-        rollout, maps = self._last_round
-        folder = os.path.join(self.args.output_dir, "reward_maps")
-        os.makedirs(folder, exist_ok=True)
-        for i in range(min(self.args.save_reward_maps, len(maps))):
-            picture = render_reward_map(rollout.images[i], maps[i], rollout.prompts[i])
-            picture.save(os.path.join(folder, f"step{self.state.global_step:06d}_{i}.png"))
 
     def _log_map_stats(self, metrics, maps: list[RewardMap]) -> None:
         g = self._gather([m.global_score for m in maps if m.global_score is not None])
