@@ -30,7 +30,7 @@ d. **Evaluation** (written to `DIR/metrics.json` and `DIR/model/metrics.json`) o
    the judge's agreement with the scorer on the model's own images, yes/no understanding on fresh held-out renders
    (clean and VAE-reconstructed), VAE reconstruction accuracy, sizes, seconds per stage and the configuration.
 
-`--scale full` (4.3M parameters, 8.2 MiB in bfloat16) fits in one call of about 6.5 minutes on one H200;
+`--scale full` (4.3M parameters, 8.2 MiB in bfloat16; a 300 s budget) fits in one call of 6 minutes on one H200;
 `--scale tiny` runs the whole pipeline on two CPU cores in about a minute (used by the tests; its numbers mean
 nothing).
 """
@@ -127,7 +127,7 @@ class FlowPretrainConfig:
 
     scale: str
     spec: FlowSpec
-    time_budget_s: float = 390.0
+    time_budget_s: float = 300.0
     vae_fraction: float = 0.14  # the VAE stage ends at this fraction of the budget
     vae_max_extra_s: float = 45.0  # extra VAE time allowed when the reconstruction target is missed
     vae_extend_s: float = 15.0
@@ -145,17 +145,17 @@ class FlowPretrainConfig:
     positive_fraction: float = 0.5
     local_slots: int = 2
     # VAE stage
-    vae_batch: int = 128
+    vae_batch: int = 256
     vae_lr: float = 1e-3
     vae_warmup: int = 100
     vae_kl_weight: float = 5e-4  # on the mean KL per latent number
     vae_foreground_weight: float = 4.0
     vae_edge_weight: float = 2.0
     # model stage
-    gen_batch: int = 256
-    und_batch: int = 256
-    cap_batch: int = 64
-    lm_lr: float = 6e-4
+    gen_batch: int = 384
+    und_batch: int = 384
+    cap_batch: int = 96
+    lm_lr: float = 7e-4
     lm_min_lr_ratio: float = 0.05
     lm_warmup: int = 300
     lm_weight_decay: float = 0.05
@@ -168,7 +168,7 @@ class FlowPretrainConfig:
     noise_sigma_max: float = 16.0
     # backend settings saved with the model (the judge's image transform and the sampler)
     vit_size: int = 64
-    num_timesteps: int = 25
+    num_timesteps: int = 16  # 15 Euler steps
     cfg_interval: tuple[float, float] = (0.0, 1.0)
     cfg_renorm_type: str = "global"
     # evaluation: every (guidance, shift) pair, on training-split prompts (to choose) and held-out ones (to report)
@@ -447,7 +447,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     parser.add_argument("--scale", choices=sorted(SCALES), default="full")
     parser.add_argument("--device", default=None, help="cuda or cpu (default: cuda when available)")
     parser.add_argument("--time-budget-s", type=float, default=None,
-                        help="wall-clock budget of the whole run (default: 390 at full scale, 40 at tiny)")
+                        help="wall-clock budget of the whole run (default: 300 at full scale, 40 at tiny)")
     parser.add_argument("--workers", type=int, default=None, help="rendering/scoring processes (0: in-process)")
     return parser.parse_args(argv)
 
