@@ -35,7 +35,7 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
         config = SimpleNamespace(**result["config"])
         for row in result["runs"]:
             lr = arm_learning_rate(row["arm"], config)
-            recipe = _recipe(config, row["arm"], lr)
+            recipe = _recipe(config, row["arm"], lr, row.get("steps"))
             if (row["arm"], recipe) not in labels:
                 labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels)
             label = labels[(row["arm"], recipe)]
@@ -63,10 +63,12 @@ def _label(arm: str, recipe: str, lr: float, labels: dict) -> str:
     return f"{arm}@{lr:g}" if lr >= 1e-3 else f"{arm}@{lr:.0e}".replace("e-0", "e-")
 
 
-def _recipe(config, arm: str, lr: float) -> str:
+def _recipe(config, arm: str, lr: float, steps: int | None = None) -> str:
+    """Steps x images, learning rate, groups; `steps` is the row's own count (fewer than the run's when a time limit
+    stopped it)."""
     name = parse_arm(arm)[0]
     groups = f", groups of {config.num_generations}" if name in GRPO_ARMS or name.startswith("srum_grouped") else ""
-    return f"{config.steps} x {config.batch_size}, lr {lr:g}{groups}"
+    return f"{steps or config.steps} x {config.batch_size}, lr {lr:g}{groups}"
 
 
 def table(summary: dict, rows: list[dict]) -> str:

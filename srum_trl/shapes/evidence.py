@@ -96,6 +96,7 @@ class EvidenceConfig:
     save_adapters: bool = True
     decode_path: str = "reference"  # "fast": the CUDA-graph decoder of docs/speed.md (same tokens on CPU); Janus only
     loss_guidance: str | None = None  # None: "conditional" for flow bases (the paper's BAGEL loss), else "guided"
+    train_until: float | None = None  # a safety net: wall-clock time (time.time()) at which every arm stops training
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -245,6 +246,8 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
                 acc = generation_accuracy(trainer.backend, track, guidance, seed=20_000 + state.global_step)
                 history.append({"step": state.global_step, "heldout_accuracy": acc["overall"],
                                 "guidance_margin": acc["guidance_margin"], "extra_objects": acc["extra_objects"]})
+            if cfg.train_until is not None and time.time() > cfg.train_until:
+                control.should_training_stop = True  # recorded in the row: `steps` < the recipe's
 
     out_dir = os.path.join(cfg.out, f"{spec.replace('@', '-lr')}-seed{seed}")
     common = dict(output_dir=out_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
@@ -276,7 +279,7 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
                                 guidance, seed=2)
     row = {
         "arm": spec, "seed": seed, "learning_rate": learning_rate, "loss_guidance": loss_guidance,
-        "train_seconds": train_s, "heldout": final,
+        "steps": trainer.state.global_step, "train_seconds": train_s, "heldout": final,
         "train_prompts": train_prompt_accuracy(trainer.backend, cfg, guidance),
         "understanding": understanding_accuracy(trainer.backend, understanding_items(cfg.understanding_prompts, 3)),
         "history": history,
@@ -461,6 +464,10 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--device", default=None)
     parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
                         help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md; Janus only)")
+    parser.add_argument("--max_seconds", type=float, default=None,
+                        help="a safety net for a time-limited machine: every arm stops training this many seconds "
+                             "after the start, minus --eval_reserve_s, and records the steps it made")
+    parser.add_argument("--eval_reserve_s", type=float, default=120.0)
     parser.add_argument("--loss_guidance", choices=["guided", "conditional"], default=None,
                         help="loss of the SRUM arms (default: conditional on flow bases, the paper's BAGEL loss with "
                              "0.1 prompt dropout; guided on discrete ones)")
@@ -470,7 +477,11 @@ def parse_args(argv=None) -> EvidenceConfig:
             parse_arm(spec)
         except ValueError as error:
             parser.error(f"--arms: {error}")
-    return EvidenceConfig(**vars(args))
+    values = vars(args)
+    max_seconds, reserve = values.pop("max_seconds"), values.pop("eval_reserve_s")
+    if max_seconds is not None:
+        values["train_until"] = time.time() + max_seconds - reserve
+    return EvidenceConfig(**values)
 
 
 def _keep(row: dict, cfg: EvidenceConfig) -> dict:
