@@ -134,6 +134,7 @@ def load_bagel_model(path: str, dtype=None, device=None, weights_file: str = WEI
     model.load_report = report
     model._vae_file = os.path.join(path, VAE_WEIGHTS_FILE)
     model.config._name_or_path = str(path)
+    model.name_or_path = str(path)  # what PEFT records as an adapter's base model
     return model.eval()
 
 
