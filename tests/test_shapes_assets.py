@@ -129,3 +129,24 @@ def test_arm_specs_carry_their_learning_rate():
         else:
             with pytest.raises(ValueError, match=message):
                 parse_arm(bad)
+
+
+def test_evidence_time_limit_and_loss_settings():
+    import time
+
+    from srum_trl.shapes.evidence import arm_loss_guidance, parse_args
+
+    before = time.time()
+    cfg = parse_args(["--base", "b", "--out", "o", "--max_seconds", "100", "--eval_reserve_s", "30"])
+    assert before + 70 <= cfg.train_until <= time.time() + 70
+    assert parse_args(["--base", "b", "--out", "o"]).train_until is None
+
+    class Flow:
+        token_kind = "continuous"
+
+    class Tokens:
+        token_kind = "discrete"
+
+    assert arm_loss_guidance(cfg, Flow()) == "conditional" and arm_loss_guidance(cfg, Tokens()) == "guided"
+    cfg.loss_guidance = "guided"
+    assert arm_loss_guidance(cfg, Flow()) == "guided"
