@@ -1,7 +1,9 @@
 """The ShapesWorld evidence table: does self-rewarding improve generation, and is understanding kept?
 
-Starting from the shipped base model, on training prompts only, each arm fine-tunes a LoRA adapter with
-[`SRUMTrainer`] for the same number of steps, and is scored on held-out prompts by the exact scorer:
+Starting from a shipped base model (the Janus base or the flow base, a tiny BAGEL), on training prompts only, each
+arm fine-tunes a LoRA adapter with [`SRUMTrainer`] for the same number of steps, and is scored on held-out prompts by
+the exact scorer. On a flow base the SRUM arms use the paper's conditional flow loss with 0.1 prompt dropout (the
+defaults of `train_bagel.py`; `--loss_guidance` changes it), on Janus the guided loss:
 
 | arm | what trains | loss weight per image token |
 |---|---|---|
