@@ -33,9 +33,12 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
         commands.append(result["command"])
         n_eval = result["config"]["eval_prompts"]
         config = SimpleNamespace(**result["config"])
+        steps = {}  # the steps each arm's seeds made (fewer than the run's when its time limit stopped them)
+        for row in result["runs"]:
+            steps.setdefault(row["arm"], []).append(row.get("steps", config.steps))
         for row in result["runs"]:
             lr = arm_learning_rate(row["arm"], config)
-            recipe = _recipe(config, row["arm"], lr)
+            recipe = _recipe(config, row["arm"], lr, steps[row["arm"]])
             if (row["arm"], recipe) not in labels:
                 labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels)
             label = labels[(row["arm"], recipe)]
@@ -63,10 +66,16 @@ def _label(arm: str, recipe: str, lr: float, labels: dict) -> str:
     return f"{arm}@{lr:g}" if lr >= 1e-3 else f"{arm}@{lr:.0e}".replace("e-0", "e-")
 
 
-def _recipe(config, arm: str, lr: float) -> str:
+def _recipe(config, arm: str, lr: float, steps: list[int] | None = None) -> str:
+    """Steps x images, learning rate, groups. `steps`: the steps the arm's seeds made; when a time limit stopped
+    them before the run's count, their range is shown ("11-19 of 60")."""
     name = parse_arm(arm)[0]
     groups = f", groups of {config.num_generations}" if name in GROUPED_ARMS else ""
-    return f"{config.steps} x {config.batch_size}, lr {lr:g}{groups}"
+    count = f"{config.steps}"
+    if steps and min(steps) < config.steps:
+        low, high = min(steps), max(steps)
+        count = f"{low}{'' if low == high else f'-{high}'} of {config.steps}"
+    return f"{count} x {config.batch_size}, lr {lr:g}{groups}"
 
 
 def table(summary: dict, rows: list[dict]) -> str:

@@ -31,8 +31,10 @@ class GenerateArgs:
     prompts: str = field(metadata={"help": "Prompt file: .txt (one per line), .json list or .jsonl records."})
     out: str = field(metadata={"help": "Output folder."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
-    guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1: none)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    guidance_scale: float | None = field(default=None, metadata={
+        "help": "Classifier-free guidance scale (1: none); default: the model folder's generation config, else 5."})
+    temperature: float | None = field(default=None, metadata={
+        "help": "Sampling temperature; default: the model folder's generation config, else 1."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward batch."})
 
 
@@ -88,10 +90,14 @@ def _judge(judge_args: JudgeArgs, backend):
                                   region_grid=judge_args.region_grid, map_rule=judge_args.map_rule)
 
 
-def _generation(gen: GenerateArgs):
-    from .models import GenerationConfig
+def _generation(gen: GenerateArgs, backend):
+    """The sampling settings: the flags given, else the checkpoint's own (`backend.default_generation_config()`)."""
+    from dataclasses import replace
 
-    return GenerationConfig(guidance=gen.guidance_scale, temperature=gen.temperature, batch_size=gen.batch_size)
+    config = backend.default_generation_config()
+    guidance = config.guidance if gen.guidance_scale is None else gen.guidance_scale
+    temperature = config.temperature if gen.temperature is None else gen.temperature
+    return replace(config, guidance=guidance, temperature=temperature, batch_size=gen.batch_size)
 
 
 def cmd_generate(argv):
@@ -111,7 +117,7 @@ def cmd_generate(argv):
     def done(i):
         return os.path.exists(os.path.join(gen.out, f"{i:05d}.png"))
 
-    config = _generation(gen)
+    config = _generation(gen, backend)
     batches = [range(s, min(s + gen.batch_size, len(prompts))) for s in range(0, len(prompts), gen.batch_size)]
     todo = [(k, rows) for k, rows in enumerate(batches) if not all(done(i) for i in rows)]
     existing = sum(done(i) for i in range(len(prompts)))
@@ -136,7 +142,7 @@ def cmd_rollout(argv):
     model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
     backend = _load(model_args)
     dataset = build_rollouts(backend, load_prompts(gen.prompts), _judge(judge_args, backend), gen.out,
-                             _generation(gen), seed=gen.seed, shard_size=judge_args.shard_size)
+                             _generation(gen, backend), seed=gen.seed, shard_size=judge_args.shard_size)
     _save_pictures(dataset, range(min(judge_args.pictures, len(dataset))), os.path.join(gen.out, "pictures"))
     rewards = dataset["reward"]
     print(f"{len(dataset)} judged rollouts in {gen.out}; mean reward {sum(rewards) / len(rewards):+.4f}")
@@ -195,7 +201,7 @@ def cmd_eval(argv):
             json.dump({"model": model_args.model, "adapter": model_args.adapter, "num_prompts": report["num_prompts"],
                        "mean_reward": report["models"][name]["overall"],
                        "mean_token_weight": sum(s["token_weight"] for s in scores) / len(scores),
-                       "guidance_scale": gen.guidance_scale, "seed": gen.seed}, f, indent=2)
+                       "guidance_scale": report["guidance_scale"], "seed": gen.seed}, f, indent=2)
     print(report["table"])
     print(f"written to {gen.out} (results.json, results.md, one folder per model)")
 

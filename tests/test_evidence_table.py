@@ -43,3 +43,15 @@ def test_seeds_pool_per_arm_and_recipe(tmp_path):
     assert commands == ["cmd a.json", "cmd b.json", "cmd c.json"]
     text = table.table(summary, rows)
     assert text.index("| sft |") < text.index("| sft@2e-4 |") < text.index("| srum_grouped@3e-4 |")
+
+
+def test_arms_stopped_by_a_time_limit_show_their_steps(tmp_path):
+    table = _script()
+    path = _run(tmp_path, "t.json", 2e-4, [("sft", 0, 0.4), ("sft", 1, 0.6), ("srum", 0, 0.5)])
+    result = json.loads(open(path).read())
+    for run, steps in zip(result["runs"], (7, 9, 10)):
+        run["steps"] = steps  # the run's recipe says 10 steps; a time limit stopped two rows earlier
+    open(path, "w").write(json.dumps(result))
+    _, rows, _ = table.merge([path])
+    recipes = {r["arm"]: r["recipe"] for r in rows}
+    assert recipes == {"sft": "7-9 of 10 x 8, lr 0.0002", "srum": "10 x 8, lr 0.0002"}

@@ -13,6 +13,15 @@ from srum_trl.shapes import assets
 from srum_trl.shapes.evidence import _stats, arm_learning_rate, arm_order, parse_arm, summarize, EvidenceConfig
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _one_thread():
+    """Small models gain nothing from intra-op threads, and spinning threads slow down badly on a shared CPU."""
+    previous = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(previous)
+
+
 def test_shipped_checkpoint_layout_and_size():
     base = assets.base_model_path()
     sizes = [os.path.getsize(os.path.join(base, f)) for f in os.listdir(base)]
@@ -49,6 +58,47 @@ def test_generate_then_shapes_eval(tmp_path, capsys):
     assert "overall" in capsys.readouterr().out
 
 
+def test_shipped_flow_base_is_a_bagel_folder():
+    """The flow base: BAGEL's published layout (+ ae_config.json, generation_config.json), <= 9 MiB, loaded by
+    load_backend with its own sampler settings, and the shipped adapter changes its images."""
+    base = assets.flow_base_model_path()
+    names = set(os.listdir(base))
+    assert {"llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetensors", "ae_config.json",
+            "tokenizer.json", "generation_config.json", "metrics.json"} <= names
+    sizes = [os.path.getsize(os.path.join(base, f)) for f in names]
+    assert sum(sizes) <= 9 * 2**20
+    metrics = json.load(open(os.path.join(base, "metrics.json")))
+    assert metrics["vae_recon_accuracy"] >= 0.95 and metrics["token_grid"] == [8, 8]
+    backend = load_backend(base, dtype="float32")
+    assert type(backend).__name__ == "BagelBackend" and backend.token_grid == (8, 8) and backend.image_size == 64
+    assert backend.default_generation_config().guidance == metrics["best_guidance"]
+    assert backend.timestep_shift == metrics["best_timestep_shift"]
+    prompts = ["a red circle", "two blue squares"]
+    plain = backend.generate(prompts, seed=0)
+    assert [(im.size, im.mode) for im in plain.images] == [((64, 64), "RGB")] * 2
+    tuned = load_backend(base, adapter=assets.flow_srum_lora_path(), dtype="float32")
+    assert not torch.equal(tuned.generate(prompts, seed=0).tokens, plain.tokens)
+    config = json.load(open(os.path.join(assets.flow_srum_lora_path(), "adapter_config.json")))
+    assert config["peft_type"] == "LORA" and config["base_model_name_or_path"] == "srum_trl/shapes/assets/flow-base"
+
+
+def test_flow_generate_with_adapter_then_shapes_eval(tmp_path):
+    prompts = tmp_path / "p.txt"
+    main(["shapes", "prompts", "--out", str(prompts), "--n", "3", "--split", "heldout"])
+    out = tmp_path / "images"
+    main(["generate", "--model", assets.flow_base_model_path(), "--adapter", assets.flow_srum_lora_path(),
+          "--prompts", str(prompts), "--out", str(out), "--seed", "0"])
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"]
+    main(["shapes", "eval", "--images", str(out), "--prompts", str(prompts)])
+    assert json.load(open(out / "shapes_eval.json"))["num_images"] == 3
+
+
+def test_janus_base_samples_at_its_best_guidance():
+    backend = load_backend(assets.base_model_path(), dtype="float32")
+    metrics = json.load(open(os.path.join(assets.base_model_path(), "metrics.json")))
+    assert backend.default_generation_config().guidance == metrics["best_guidance"] == 2.0
+
+
 def test_stats_and_summary_hand_computed():
     s = _stats(np.array([0.7, 0.8, 0.9]))
     assert s["mean"] == pytest.approx(0.8) and s["std"] == pytest.approx(0.1) and s["se"] == pytest.approx(0.1 / 3**0.5)
@@ -79,3 +129,24 @@ def test_arm_specs_carry_their_learning_rate():
         else:
             with pytest.raises(ValueError, match=message):
                 parse_arm(bad)
+
+
+def test_evidence_time_limit_and_loss_settings():
+    import time
+
+    from srum_trl.shapes.evidence import arm_loss_guidance, parse_args
+
+    before = time.time()
+    cfg = parse_args(["--base", "b", "--out", "o", "--max_seconds", "100", "--eval_reserve_s", "30"])
+    assert before + 70 <= cfg.train_until <= time.time() + 70
+    assert parse_args(["--base", "b", "--out", "o"]).train_until is None
+
+    class Flow:
+        token_kind = "continuous"
+
+    class Tokens:
+        token_kind = "discrete"
+
+    assert arm_loss_guidance(cfg, Flow()) == "conditional" and arm_loss_guidance(cfg, Tokens()) == "guided"
+    cfg.loss_guidance = "guided"
+    assert arm_loss_guidance(cfg, Flow()) == "guided"

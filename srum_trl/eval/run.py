@@ -54,8 +54,8 @@ class EvalSettings:
     out: str
     seed: int = 0
     samples_per_prompt: int = 1
-    guidance_scale: float = 5.0
-    temperature: float = 1.0
+    guidance_scale: float | None = None  # None: the checkpoint's own (`backend.default_generation_config()`)
+    temperature: float | None = None
     batch_size: int = 16
     device: str | None = None
     dtype: str = "float32"
@@ -70,13 +70,23 @@ def _name(adapter: str | None, taken: set) -> str:
     return name
 
 
+def _sampling(backend, settings: EvalSettings):
+    """The sampling settings: those given, else the checkpoint's own."""
+    from dataclasses import replace
+
+    config = backend.default_generation_config()
+    return replace(config, batch_size=settings.batch_size,
+                   guidance=config.guidance if settings.guidance_scale is None else settings.guidance_scale,
+                   temperature=config.temperature if settings.temperature is None else settings.temperature)
+
+
 def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, options: dict | None = None,
                     save_images: bool = True, progress: bool = True) -> dict:
     """Evaluate `model` with each of `adapters` (None: the model itself) on the prompt file, the same images seeds for
     all; return (and write to `settings.out`) the results. See `srum-trl eval --help` and docs/eval.md."""
     import torch
 
-    from ..models import GenerationConfig, load_backend
+    from ..models import load_backend
 
     options = dict(options or {})
     options.setdefault("device", settings.device)
@@ -90,8 +100,6 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
     prompts = [r["prompt"] for r in row_records]
     groups = [i for i, _ in rows]
     categories = [protocol.category(r) for r in row_records]
-    config = GenerationConfig(guidance=settings.guidance_scale, temperature=settings.temperature,
-                              batch_size=settings.batch_size)
     device = settings.device or ("cuda" if torch.cuda.is_available() else "cpu")
     os.makedirs(settings.out, exist_ok=True)
     taken, results = set(), {}
@@ -102,6 +110,7 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
         if adapter is not None and settings.protocol != "judge" and hasattr(backend.model, "merge_and_unload"):
             backend.model = backend.model.merge_and_unload()  # same outputs, generation as fast as the base's
         backend.model.to(device)
+        config = _sampling(backend, settings)
         rollout = backend.generate(prompts, config, seed=settings.seed, progress=progress)
         scored = protocol.score(rollout.images, row_records, backend=backend)
         folder = os.path.join(settings.out, name)
@@ -123,7 +132,7 @@ def evaluate_models(model, adapters: list[str | None], settings: EvalSettings, o
     report = {
         "protocol": settings.protocol, "model": str(model), "prompts": settings.prompts,
         "num_prompts": len(records), "samples_per_prompt": settings.samples_per_prompt, "seed": settings.seed,
-        "guidance_scale": settings.guidance_scale, "temperature": settings.temperature,
+        "guidance_scale": config.guidance, "temperature": config.temperature,
         "batch_size": settings.batch_size, "options": {k: v for k, v in options.items() if v is not None},
         "models": {n: {"adapter": r["adapter"], **r["summary"]} for n, r in results.items()},
         "differences": {n: paired_difference(results[names[0]]["scores"], results[n]["scores"], groups)

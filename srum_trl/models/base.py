@@ -298,6 +298,12 @@ class UMMBackend(ABC):
             return self.model.disable_adapter()
         return contextlib.nullcontext()
 
+    def default_generation_config(self) -> GenerationConfig:
+        """The sampling settings the checkpoint ships with (its folder's generation config: the guidance scale its
+        evaluation was measured at), else the library's defaults. Commands that sample without explicit settings
+        (`srum-trl generate`) use these."""
+        return GenerationConfig()
+
     def default_lora_targets(self):
         """PEFT `target_modules` used when a LoRA config names none."""
         raise NotImplementedError(f"{type(self).__name__} has no default LoRA targets; set target_modules.")

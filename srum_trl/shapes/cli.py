@@ -43,6 +43,14 @@ def cmd_pretrain(argv):
     main(argv)
 
 
+def cmd_flow_pretrain(argv):
+    """Pretrain the ShapesWorld flow base (a tiny BAGEL) from scratch (see `python -m srum_trl.shapes.flow_pretrain
+    --help`)."""
+    from .flow_pretrain import main
+
+    main(argv)
+
+
 def cmd_evidence(argv):
     """Run the evidence table: base vs self-SFT vs SRUM and its ablations vs oracle, several seeds."""
     from .evidence import main
@@ -65,4 +73,5 @@ def cmd_prompts(argv):
     print(f"{args.n} {args.split} prompts in {args.out}")
 
 
-COMMANDS = {"eval": cmd_eval, "prompts": cmd_prompts, "pretrain": cmd_pretrain, "evidence": cmd_evidence}
+COMMANDS = {"eval": cmd_eval, "prompts": cmd_prompts, "pretrain": cmd_pretrain, "flow-pretrain": cmd_flow_pretrain,
+            "evidence": cmd_evidence}

@@ -1,7 +1,9 @@
 """The ShapesWorld evidence table: does self-rewarding improve generation, and is understanding kept?
 
-Starting from the shipped base model, on training prompts only, each arm fine-tunes a LoRA adapter with
-[`SRUMTrainer`] for the same number of steps, and is scored on held-out prompts by the exact scorer:
+Starting from a shipped base model (the Janus base or the flow base, a tiny BAGEL), on training prompts only, each
+arm fine-tunes a LoRA adapter with [`SRUMTrainer`] for the same number of steps, and is scored on held-out prompts by
+the exact scorer. On a flow base the SRUM arms use the paper's conditional flow loss with 0.1 prompt dropout (the
+defaults of `train_bagel.py`; `--loss_guidance` changes it), on Janus the guided loss:
 
 | arm | what trains | loss weight per image token |
 |---|---|---|
@@ -101,9 +103,11 @@ class EvidenceConfig:
     device: str | None = None
     parallel: int = 1
     save_adapters: bool = True
-    decode_path: str = "reference"  # "fast": the CUDA-graph decoder of docs/speed.md (same tokens on CPU)
+    decode_path: str = "reference"  # "fast": the CUDA-graph decoder of docs/speed.md (same tokens on CPU); Janus only
+    loss_guidance: str | None = None  # None: "conditional" for flow bases (the paper's BAGEL loss), else "guided"
     backend_kwargs: dict | None = None  # backend settings on top of the folder's (e.g. a flow base's sampler)
     grpo_config: dict | None = None  # GRPOUMMConfig overrides of the GRPO arms (e.g. flow GRPO's noise_level)
+    train_until: float | None = None  # a safety net: wall-clock time (time.time()) at which every arm stops training
 
 
 # ------------------------------------------------------------------------------------------------ rewards
@@ -122,15 +126,22 @@ def zero_weight(prompts, completions, **kwargs) -> list[float]:
 
 # --------------------------------------------------------------------------------------------- evaluation
 def generation_accuracy(backend, prompts: list[str], guidance: float, seed: int, batch_size: int = 256) -> dict:
-    """Exact-scorer accuracy per category and overall, mean guidance margin, mean extra objects per image."""
+    """Exact-scorer accuracy per category and overall, mean guidance margin, mean extra objects per image.
+
+    The guidance margin is the rollout's own (discrete backends: mean log p_cond - log p_uncond of the sampled
+    tokens); a flow backend's rollouts carry none, and its `guidance_margin(prompts, rollout)` (the distance between
+    conditional and unconditional velocities on the images' latents) is measured instead."""
     from ..models import GenerationConfig
     from .scorer import accuracy_by_category, score
 
     rollout = backend.generate(prompts, GenerationConfig(guidance=guidance, batch_size=batch_size), seed=seed)
     results = [score(image, prompt) for image, prompt in zip(rollout.images, prompts)]
     out = accuracy_by_category(results)
-    margins = rollout.guidance_margin.numpy()  # NaN for flow backends: no token log-probabilities
-    out["guidance_margin"] = float(np.nanmean(margins)) if np.isfinite(margins).any() else math.nan
+    margin = rollout.guidance_margin
+    if (margin is None or bool(torch.isnan(margin).all())) and hasattr(backend, "guidance_margin"):
+        margin = torch.cat([backend.guidance_margin(prompts[i : i + batch_size], rollout.select(slice(i, i + batch_size)))
+                            for i in range(0, len(prompts), batch_size)])
+    out["guidance_margin"] = float(np.nanmean(margin.numpy())) if margin is not None else math.nan
     out["extra_objects"] = float(np.mean([len(r.extra) for r in results]))
     return out
 
@@ -205,19 +216,6 @@ def judge_agreement(backend, judge, prompts, guidance, seed) -> dict:
 
 
 # ---------------------------------------------------------------------------------------------------- arms
-def load_base(cfg: "EvidenceConfig"):
-    """The base model as a float32 backend on `cfg.device`: Janus with its decode path, a BAGEL-architecture (flow)
-    base as its folder says; `cfg.backend_kwargs` on top."""
-    from ..models import load_backend
-    from ..models.bagel import is_bagel_folder
-
-    settings = {} if is_bagel_folder(cfg.base) else {"decode_path": cfg.decode_path}
-    backend = load_backend(cfg.base, dtype="float32", backend_kwargs={**settings, **(cfg.backend_kwargs or {})})
-    backend.model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
-    backend.understanding_batch_size = 256
-    return backend
-
-
 def _arm_setup(arm: str, cfg: EvidenceConfig):
     """(reward_funcs, SRUMConfig overrides) of an arm."""
     from .questions import make_shapes_judge
@@ -265,11 +263,14 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
                 acc = generation_accuracy(trainer.backend, track, guidance, seed=20_000 + state.global_step)
                 history.append({"step": state.global_step, "heldout_accuracy": acc["overall"],
                                 "guidance_margin": acc["guidance_margin"], "extra_objects": acc["extra_objects"]})
+            if cfg.train_until is not None and time.time() > cfg.train_until:
+                control.should_training_stop = True  # recorded in the row: `steps` < the recipe's
 
     out_dir = os.path.join(cfg.out, f"{spec.replace('@', '-lr')}-seed{seed}")
     common = dict(output_dir=out_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
                   warmup_steps=10, guidance_scale=guidance, seed=seed, logging_steps=10, save_strategy="no",
                   report_to="none", disable_tqdm=True, bf16=False)
+    loss_guidance = arm_loss_guidance(cfg, backend)
     if arm in GRPO_ARMS:
         from ..trainers import GRPOUMMConfig, GRPOUMMTrainer
         from .questions import make_shapes_judge
@@ -278,10 +279,11 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
         args = GRPOUMMConfig(learning_rate=learning_rate, num_generations=cfg.num_generations,
                              advantage_mode="dense" if arm == "grpo_dense" else "scalar",
                              **{**common, **(cfg.grpo_config or {})})
+        loss_guidance = None
         trainer_cls = GRPOUMMTrainer
     else:
         reward_funcs, overrides = _arm_setup(arm, cfg)
-        args = SRUMConfig(learning_rate=learning_rate, **common, **overrides)
+        args = SRUMConfig(learning_rate=learning_rate, loss_guidance=loss_guidance, **common, **overrides)
         trainer_cls = SRUMTrainer
     trainer = trainer_cls(backend, reward_funcs=reward_funcs, args=args,
                           train_dataset=Dataset.from_dict({"prompt": train_prompts()}),
@@ -294,7 +296,8 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     final = generation_accuracy(trainer.backend, sample_prompts(cfg.eval_prompts, "heldout", seed=1),
                                 guidance, seed=2)
     row = {
-        "arm": spec, "seed": seed, "learning_rate": learning_rate, "train_seconds": train_s, "heldout": final,
+        "arm": spec, "seed": seed, "learning_rate": learning_rate, "loss_guidance": loss_guidance,
+        "steps": trainer.state.global_step, "train_seconds": train_s, "heldout": final,
         "train_prompts": train_prompt_accuracy(trainer.backend, cfg, guidance),
         "understanding": understanding_accuracy(trainer.backend, understanding_items(cfg.understanding_prompts, 3)),
         "history": history,
@@ -305,15 +308,60 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     return row
 
 
+def load_base(cfg: EvidenceConfig):
+    """The base model of the run on its device, in float32 (Janus with the run's decode path); `cfg.backend_kwargs`
+    on top of the folder's settings."""
+    from ..models import load_backend
+    from ..models.bagel import is_bagel_folder
+
+    settings = {} if is_bagel_folder(cfg.base) else {"decode_path": cfg.decode_path}
+    backend = load_backend(cfg.base, dtype="float32", backend_kwargs={**settings, **(cfg.backend_kwargs or {})})
+    backend.model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend.understanding_batch_size = 256
+    return backend
+
+
+def arm_loss_guidance(cfg: EvidenceConfig, backend) -> str:
+    """The SRUM arms' loss: `cfg.loss_guidance`, else the paper's conditional flow loss (with its 0.1 prompt
+    dropout) on flow backends and the guided loss on discrete ones (the Janus table's)."""
+    if cfg.loss_guidance is not None:
+        return cfg.loss_guidance
+    return "conditional" if backend.token_kind == "continuous" else "guided"
+
+
 def _pick(acc: dict) -> dict:
     return {"heldout_accuracy": acc["overall"], "guidance_margin": acc["guidance_margin"],
             "extra_objects": acc["extra_objects"]}
+
+
+BASE_JOB = "base"
+
+
+def evaluate_base(cfg: EvidenceConfig, guidance: float) -> dict:
+    """The base model's row: held-out and training-prompt accuracy, understanding, and the judge's agreement with
+    the scorer on its own images of training prompts (sampled with the reference decoder)."""
+    from ..models import load_backend
+    from .questions import make_shapes_judge
+    from .world import sample_prompts
+
+    backend = load_backend(cfg.base, dtype="float32")
+    backend.model.to(cfg.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    backend.understanding_batch_size = 256
+    return {
+        "heldout": generation_accuracy(backend, sample_prompts(cfg.eval_prompts, "heldout", seed=1), guidance, 2),
+        "train_prompts": train_prompt_accuracy(backend, cfg, guidance),
+        "understanding": understanding_accuracy(backend, understanding_items(cfg.understanding_prompts, 3)),
+        "judge_agreement": judge_agreement(backend, make_shapes_judge(),
+                                           sample_prompts(cfg.track_prompts, "train", seed=5), guidance, 6),
+    }
 
 
 def _run_job(job):
     arm, seed, cfg, guidance = job
     torch.set_num_threads(max(1, (os.cpu_count() or 2) // max(cfg.parallel, 1)))
     try:
+        if arm == BASE_JOB:
+            return {"arm": BASE_JOB, "seed": None, **evaluate_base(cfg, guidance)}
         return run_arm(arm, seed, cfg, guidance)
     except Exception as error:  # keep the other arms' results
         import traceback
@@ -396,7 +444,7 @@ def _ms(s: dict) -> str:
 
 
 def _margin(v) -> str:
-    return "" if v is None or math.isnan(v) else f"{v:.2f}"
+    return "" if v is None or (isinstance(v, float) and math.isnan(v)) else f"{v:.2f}"
 
 
 def _num(v) -> str:
@@ -405,10 +453,14 @@ def _num(v) -> str:
 
 # ---------------------------------------------------------------------------------------------------- main
 def _base_guidance(base: str) -> float:
-    path = os.path.join(base, "metrics.json")
-    if os.path.exists(path):
-        with open(path) as f:
-            return float(json.load(f).get("best_guidance", 3.0))
+    """The base model's best guidance: its `metrics.json`, else its `generation_config.json`, else 3."""
+    for name, key in (("metrics.json", "best_guidance"), ("generation_config.json", "guidance_scale")):
+        path = os.path.join(base, name)
+        if os.path.exists(path):
+            with open(path) as f:
+                value = json.load(f).get(key)
+            if value is not None:
+                return float(value)
     return 3.0
 
 
@@ -430,18 +482,29 @@ def parse_args(argv=None) -> EvidenceConfig:
     parser.add_argument("--guidance", type=float, default=None)
     parser.add_argument("--device", default=None)
     parser.add_argument("--decode_path", choices=["reference", "fast"], default=defaults.decode_path,
-                        help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md)")
+                        help="image-token decoder of the rollouts (fast: CUDA graphs, see docs/speed.md; Janus only)")
+    parser.add_argument("--max_seconds", type=float, default=None,
+                        help="a safety net for a time-limited machine: every arm stops training this many seconds "
+                             "after the start, minus --eval_reserve_s, and records the steps it made")
+    parser.add_argument("--eval_reserve_s", type=float, default=120.0)
     parser.add_argument("--backend_kwargs", type=json.loads, default=None, metavar="JSON",
                         help="backend settings on top of the folder's, e.g. '{\"num_timesteps\": 16}'")
     parser.add_argument("--grpo_config", type=json.loads, default=None, metavar="JSON",
                         help="GRPOUMMConfig fields of the GRPO arms, e.g. '{\"noise_level\": 1.0}'")
+    parser.add_argument("--loss_guidance", choices=["guided", "conditional"], default=None,
+                        help="loss of the SRUM arms (default: conditional on flow bases, the paper's BAGEL loss with "
+                             "0.1 prompt dropout; guided on discrete ones)")
     args = parser.parse_args(argv)
     for spec in args.arms:
         try:
             parse_arm(spec)
         except ValueError as error:
             parser.error(f"--arms: {error}")
-    return EvidenceConfig(**vars(args))
+    values = vars(args)
+    max_seconds, reserve = values.pop("max_seconds"), values.pop("eval_reserve_s")
+    if max_seconds is not None:
+        values["train_until"] = time.time() + max_seconds - reserve
+    return EvidenceConfig(**values)
 
 
 def _keep(row: dict, cfg: EvidenceConfig) -> dict:
@@ -460,30 +523,21 @@ def main(argv=None) -> dict:
     cfg = parse_args(argv)
     os.makedirs(cfg.out, exist_ok=True)
     guidance = cfg.guidance if cfg.guidance is not None else _base_guidance(cfg.base)
-    from .world import sample_prompts
-
-    base_backend = load_base(cfg)
-    from .questions import make_shapes_judge
-
-    base = {
-        "heldout": generation_accuracy(base_backend, sample_prompts(cfg.eval_prompts, "heldout", seed=1), guidance, 2),
-        "train_prompts": train_prompt_accuracy(base_backend, cfg, guidance),
-        "understanding": understanding_accuracy(base_backend, understanding_items(cfg.understanding_prompts, 3)),
-        "judge_agreement": judge_agreement(base_backend, make_shapes_judge(),
-                                           sample_prompts(cfg.track_prompts, "train", seed=5), guidance, 6),
-    }
-    print("base:", json.dumps(base), flush=True)
-    with open(os.path.join(cfg.out, "base.json"), "w") as f:
-        json.dump(base, f, indent=1, default=float)
-    del base_backend
-    jobs = [(arm, seed, cfg, guidance) for seed in cfg.seeds for arm in cfg.arms]
-    if cfg.parallel > 1:
+    jobs = [(BASE_JOB, None, cfg, guidance)] + [(arm, seed, cfg, guidance) for seed in cfg.seeds for arm in cfg.arms]
+    if cfg.parallel > 1:  # the base model is evaluated by one of the processes, beside the arms
         import multiprocessing as mp
 
         with mp.get_context("spawn").Pool(cfg.parallel) as pool:
             rows = [_keep(row, cfg) for row in pool.imap_unordered(_run_job, jobs)]
     else:
         rows = [_keep(_run_job(job), cfg) for job in jobs]
+    base = next(r for r in rows if r["arm"] == BASE_JOB)
+    rows = [r for r in rows if r["arm"] != BASE_JOB]
+    if "error" in base:
+        raise RuntimeError(f"the base model's evaluation failed: {base['error']}\n{base.get('traceback', '')}")
+    base = {k: v for k, v in base.items() if k not in ("arm", "seed")}
+    with open(os.path.join(cfg.out, "base.json"), "w") as f:
+        json.dump(base, f, indent=1, default=float)
     summary = summarize(rows, base)
     command = "python -m srum_trl.shapes.evidence " + " ".join(argv if argv is not None else sys.argv[1:])
     result = {"config": asdict(cfg), "guidance": guidance, "summary": summary, "runs": rows, "command": command}

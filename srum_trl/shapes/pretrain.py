@@ -38,10 +38,7 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
-import multiprocessing
 import os
-import random
 import time
 from contextlib import nullcontext
 from dataclasses import asdict, dataclass, replace
@@ -52,28 +49,27 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ..models.base import GenerationConfig
 from ..models.janus.backend import JanusBackend
 from ..models.janus.tiny import TinyJanusSpec, build_tiny_janus
+from .evaluation import evaluate_generation, evaluate_understanding
 from .questions import CAPTION_QUESTION, NO, VOCABULARY, YES, all_local_questions, global_question
-from .scorer import accuracy_by_category, score
-from .world import (
-    CATEGORIES,
-    COLORS,
-    IMAGE_SIZE,
-    NEGATIVE_KINDS,
-    SHAPES,
-    ShapeObject,
-    draw_objects,
-    heldout_prompts,
-    is_correct,
-    objects_touch,
-    parse_prompt,
-    render,
-    render_negative,
-    sample_prompts,
-    train_prompts,
+from .scenes import (
+    KINDS,
+    ScenePool,
+    Workers,
+    concat_arrays,
+    jsonable,
+    log,
+    lr_factor,
+    render_scenes,
+    resize_weights,
+    scene_jobs,
+    score_images,
+    seed_everything,
+    to_u8,
+    to_unit,
 )
+from .world import IMAGE_SIZE, heldout_prompts, sample_prompts, train_prompts
 
 # ------------------------------------------------------------------------------------------------- configuration
 FULL_SPEC = TinyJanusSpec(
@@ -203,253 +199,7 @@ SCALES: dict[str, PretrainConfig] = {
     ),
 }
 
-# Scene kinds: a correct render, one of the world's hard negatives, a render of another prompt, or a render whose
-# object is stretched out of shape (aspect ratio >= 1.7, which the scorer calls "other").
-KINDS = ("positive",) + NEGATIVE_KINDS + ("other_prompt", "stretched")
-_PAIRS = [(c, s) for c in COLORS for s in SHAPES]
-_PAIR_INDEX = {pair: i for i, pair in enumerate(_PAIRS)}
-
-
-def _log(start: float, message: str) -> None:
-    print(f"[pretrain {time.time() - start:7.1f}s] {message}", flush=True)
-
-
-def seed_everything(seed: int) -> None:
-    """Seed python's `random`, numpy's global generator and torch (CPU and CUDA)."""
-    random.seed(seed)
-    np.random.seed(seed % 2**32)
-    torch.manual_seed(seed)
-
-
-# ----------------------------------------------------------------------------------------------- rendering
-def _inside(inner, outer) -> bool:
-    return inner[0] >= outer[0] and inner[1] >= outer[1] and inner[2] <= outer[2] and inner[3] <= outer[3]
-
-
-def _overlaps(a, b) -> bool:
-    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
-
-
-def _stretch(objects: list[ShapeObject], rng: np.random.Generator):
-    """The objects with one of them stretched to an aspect ratio in [1.7, 2.3] (same center, not touching the
-    others), and that object's index; None if no object can be stretched."""
-    size = IMAGE_SIZE
-    for i in rng.permutation(len(objects)):
-        obj = objects[int(i)]
-        side = obj.box[2] - obj.box[0]
-        ratio = rng.uniform(1.7, 2.3)
-        long_side = min(size, int(round(side * math.sqrt(ratio))))
-        short_side = max(6, int(round(long_side / ratio)))
-        if long_side / short_side < 1.7:
-            continue
-        w, h = (long_side, short_side) if rng.random() < 0.5 else (short_side, long_side)
-        cx, cy = (obj.box[0] + obj.box[2]) / 2, (obj.box[1] + obj.box[3]) / 2
-        x0 = min(max(int(round(cx - w / 2)), 0), size - w)
-        y0 = min(max(int(round(cy - h / 2)), 0), size - h)
-        new = ShapeObject(obj.color, obj.shape, (x0, y0, x0 + w, y0 + h))
-        others = [o for k, o in enumerate(objects) if k != int(i)]
-        if any(objects_touch(new, o) for o in others):
-            continue
-        return others[: int(i)] + [new] + others[int(i) :], int(i)
-    return None
-
-
-def _make_scene(prompt: str, prompts: list[str], rng: np.random.Generator, positive_fraction: float):
-    """One rendered scene for `prompt`: (image, objects, indices of malformed objects, label, kind)."""
-    if rng.random() < positive_fraction:
-        image, objects = render(prompt, rng)
-        return image, objects, set(), True, "positive"
-    u = rng.random()
-    if u < 0.15:
-        image, objects = render(prompt, rng)
-        stretched = _stretch(objects, rng)
-        if stretched is not None:
-            objects, index = stretched
-            return draw_objects(objects), objects, {index}, False, "stretched"
-    elif u < 0.35:
-        other = prompts[int(rng.integers(len(prompts)))]
-        image, objects = render(other, rng)
-        return image, objects, set(), bool(is_correct(objects, prompt)), "other_prompt"
-    image, objects, kind = render_negative(prompt, rng)
-    bad = {k for k, o in enumerate(objects) if o.shape not in SHAPES}
-    return image, objects, bad, False, kind
-
-
-def _background_box(objects, rng: np.random.Generator, tries: int = 20):
-    for _ in range(tries):
-        side = int(rng.integers(10, 23))
-        x0, y0 = (int(v) for v in rng.integers(0, IMAGE_SIZE - side + 1, size=2))
-        box = (x0, y0, x0 + side, y0 + side)
-        if not any(_overlaps(box, (o.box[0] - 2, o.box[1] - 2, o.box[2] + 2, o.box[3] + 2)) for o in objects):
-            return box
-    return None
-
-
-def _local_sample(objects, bad: set, rng: np.random.Generator, background_fraction=0.1, true_fraction=0.6):
-    """A (crop box, local question index, label) around one object (or of empty background)."""
-    if rng.random() < background_fraction:
-        box = _background_box(objects, rng)
-        if box is not None:
-            return box, int(rng.integers(len(_PAIRS))), False
-    obj = objects[int(rng.integers(len(objects)))]
-    pads = rng.integers(1, 4, size=4)
-    x0, y0, x1, y1 = obj.box
-    box = (
-        max(0, x0 - int(pads[0])),
-        max(0, y0 - int(pads[1])),
-        min(IMAGE_SIZE, x1 + int(pads[2])),
-        min(IMAGE_SIZE, y1 + int(pads[3])),
-    )
-    own = (obj.color, obj.shape if obj.shape in SHAPES else "square")
-    if rng.random() < true_fraction:
-        pair = own
-    else:
-        v = rng.random()
-        if v < 0.35:
-            pair = (own[0], str(rng.choice([s for s in SHAPES if s != own[1]])))
-        elif v < 0.7:
-            pair = (str(rng.choice([c for c in COLORS if c != own[0]])), own[1])
-        else:
-            pair = _PAIRS[int(rng.choice([k for k in range(len(_PAIRS)) if _PAIRS[k] != own]))]
-    label = any(
-        k not in bad and (o.color, o.shape) == pair and _inside(o.box, box) for k, o in enumerate(objects)
-    )
-    return box, _PAIR_INDEX[pair], label
-
-
-def _prompts_by_category(prompts: list[str]) -> list[list[int]]:
-    by_category = {c: [] for c in CATEGORIES}
-    for i, p in enumerate(prompts):
-        by_category[parse_prompt(p).category].append(i)
-    return [v for v in by_category.values() if v]
-
-
-def render_scenes(job: tuple) -> dict[str, np.ndarray]:
-    """Render a chunk of scenes (run in worker processes).
-
-    `job = (seed, n, split, positive_fraction, local_slots)`; prompts are drawn category-uniformly from `split`
-    ("train" or "heldout"). Returns arrays: `images` [n, 64, 64, 3] uint8, `prompt` (index into the split's prompt
-    list), `label` (the image is correct for the prompt), `kind` (index into `KINDS`) and, per local slot,
-    `local_box` [n, slots, 4], `local_q` (index into `all_local_questions()`), `local_label`, `local_valid`.
-    """
-    seed, n, split, positive_fraction, slots = job
-    prompts = train_prompts() if split == "train" else heldout_prompts()
-    groups = _prompts_by_category(prompts)
-    rng = np.random.default_rng(seed)
-    out = {
-        "images": np.zeros((n, IMAGE_SIZE, IMAGE_SIZE, 3), np.uint8),
-        "prompt": np.zeros(n, np.int32),
-        "label": np.zeros(n, bool),
-        "kind": np.zeros(n, np.int8),
-        "local_box": np.zeros((n, slots, 4), np.int16),
-        "local_q": np.zeros((n, slots), np.int16),
-        "local_label": np.zeros((n, slots), bool),
-        "local_valid": np.zeros((n, slots), bool),
-    }
-    for i in range(n):
-        group = groups[int(rng.integers(len(groups)))]
-        p = group[int(rng.integers(len(group)))]
-        image, objects, bad, label, kind = _make_scene(prompts[p], prompts, rng, positive_fraction)
-        out["images"][i] = np.asarray(image)
-        out["prompt"][i], out["label"][i], out["kind"][i] = p, label, KINDS.index(kind)
-        if kind == "merged" or not objects:
-            continue
-        for k in range(slots):
-            box, q, lab = _local_sample(objects, bad, rng)
-            out["local_box"][i, k], out["local_q"][i, k] = box, q
-            out["local_label"][i, k], out["local_valid"][i, k] = lab, True
-    return out
-
-
-def score_job(job: tuple):
-    """Score one `(image array, prompt)` pair with the exact scorer (run in worker processes)."""
-    image, prompt = job
-    return score(image, prompt)
-
-
-def _concat(chunks: list[dict]) -> dict[str, np.ndarray]:
-    return {k: np.concatenate([c[k] for c in chunks]) for k in chunks[0]}
-
-
-class _Done:
-    def __init__(self, value):
-        self.value = value
-
-    def get(self):
-        return self.value
-
-
-class Workers:
-    """A fork-based process pool for rendering and scoring; with `n == 0` everything runs in-process."""
-
-    def __init__(self, n: int):
-        self.n = n
-        self.pool = multiprocessing.get_context("fork").Pool(n) if n > 0 else None
-
-    def map(self, fn, jobs, chunksize: int = 1) -> list:
-        """`[fn(j) for j in jobs]`, in parallel when there are workers."""
-        if self.pool is None:
-            return [fn(j) for j in jobs]
-        return self.pool.map(fn, jobs, chunksize=chunksize)
-
-    def map_async(self, fn, jobs, chunksize: int = 1):
-        """Start `map` in the background; `.get()` of the result waits for it (in-process: runs now)."""
-        if self.pool is None:
-            return _Done([fn(j) for j in jobs])
-        return self.pool.map_async(fn, jobs, chunksize=chunksize)
-
-    def close(self) -> None:
-        """Stop the worker processes."""
-        if self.pool is not None:
-            self.pool.terminate()
-            self.pool.join()
-            self.pool = None
-
-
-def _scene_jobs(seed: int, stage: int, total: int, chunk: int, split: str, positive_fraction: float, slots: int):
-    jobs, start = [], 0
-    while start < total:
-        n = min(chunk, total - start)
-        jobs.append(((seed, stage, len(jobs)), n, split, positive_fraction, slots))
-        start += n
-    return jobs
-
-
 # ---------------------------------------------------------------------------------------------- image helpers
-def _to_unit(images_u8: torch.Tensor) -> torch.Tensor:
-    """[B, H, W, 3] uint8 -> [B, 3, H, W] float in [-1, 1] (Janus' VQ pixel range)."""
-    return images_u8.permute(0, 3, 1, 2).float() / 127.5 - 1.0
-
-
-def _to_u8(pixels: torch.Tensor) -> torch.Tensor:
-    """[B, 3, H, W] in [-1, 1] -> [B, H, W, 3] uint8, rounding exactly as `JanusBackend.decode` does."""
-    return ((pixels.float().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1)
-
-
-def _bicubic(t: torch.Tensor) -> torch.Tensor:
-    """PIL's bicubic kernel (a = -0.5)."""
-    a, t = -0.5, t.abs()
-    inner = ((a + 2) * t - (a + 3)) * t * t + 1
-    outer = (((t - 5) * t + 8) * t - 4) * a
-    return torch.where(t < 1, inner, torch.where(t < 2, outer, torch.zeros_like(t)))
-
-
-def _resize_weights(start, length, out_length, offset, size: int, n_in: int):
-    """Per-sample [B, size, n_in] matrices of PIL's bicubic resize of `[start, start + length)` to `out_length`
-    pixels placed at `offset` of a `size` canvas (rows outside the placed range are zero), and the valid rows."""
-    device, dtype = start.device, torch.float32
-    rel = torch.arange(size, device=device, dtype=dtype)[None] - offset[:, None]
-    scale = length / out_length
-    support_scale = scale.clamp(min=1.0)
-    center = (rel + 0.5) * scale[:, None]
-    source = torch.arange(n_in, device=device, dtype=dtype)[None] - start[:, None]
-    t = (source[:, None, :] + 0.5 - center[:, :, None]) / support_scale[:, None, None]
-    weights = _bicubic(t) * ((source >= 0) & (source < length[:, None]))[:, None, :]
-    weights = weights / weights.sum(-1, keepdim=True).clamp(min=1e-12)
-    valid = (rel >= 0) & (rel < out_length[:, None])
-    return weights * valid[:, :, None], valid
-
-
 def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, fill: torch.Tensor) -> torch.Tensor:
     """On-device version of the Janus image processor applied to `image.crop(box)`: crop, resize the longer side to
     `size` with PIL's bicubic filter (horizontal pass, then vertical, rounding to 8 bits after each), pad to a square
@@ -465,8 +215,8 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, fill: torc
     new_w, new_h = torch.round(w * scale).clamp(min=1), torch.round(h * scale).clamp(min=1)
     off_x = torch.div(size - new_w, 2, rounding_mode="floor")
     off_y = torch.div(size - new_h, 2, rounding_mode="floor")
-    wx, valid_x = _resize_weights(x0, w, new_w, off_x, size, width)
-    wy, valid_y = _resize_weights(y0, h, new_h, off_y, size, height)
+    wx, valid_x = resize_weights(x0, w, new_w, off_x, size, width)
+    wy, valid_y = resize_weights(y0, h, new_h, off_y, size, height)
     x = torch.einsum("bcyi,bxi->bcyx", images.float(), wx).clamp(0, 255).round()
     x = torch.einsum("boy,bcyx->bcox", wy, x).clamp(0, 255).round()
     valid = valid_y[:, :, None] & valid_x[:, None, :]
@@ -566,56 +316,6 @@ class TextTables:
         return self.caption_offset + prompt
 
 
-# ---------------------------------------------------------------------------------------------- scene pool
-class ScenePool:
-    """Rendered scenes on the training device, with their VQ tokens and reconstructions once the VQ is trained."""
-
-    def __init__(self, arrays: dict[str, np.ndarray], device):
-        self.images = torch.from_numpy(arrays["images"]).to(device)
-        self.prompt = torch.from_numpy(arrays["prompt"]).long().to(device)
-        self.label = torch.from_numpy(arrays["label"]).to(device)
-        self.kind = torch.from_numpy(arrays["kind"]).long().to(device)
-        self.local_box = torch.from_numpy(arrays["local_box"]).long().to(device)
-        self.local_q = torch.from_numpy(arrays["local_q"]).long().to(device)
-        self.local_label = torch.from_numpy(arrays["local_label"]).to(device)
-        self.local_valid = torch.from_numpy(arrays["local_valid"]).to(device)
-        self.tokens: torch.Tensor | None = None
-        self.recon: torch.Tensor | None = None
-
-    def __len__(self) -> int:
-        return self.images.shape[0]
-
-    @torch.no_grad()
-    def encode(self, vq, batch: int, autocast) -> None:
-        """Fill `tokens` (transformers' `encode`) and `recon` (`decode` of those tokens, as uint8)."""
-        tokens, recon = [], []
-        for chunk in self.images.split(batch):
-            t, r = vq_roundtrip(vq, chunk, autocast)
-            tokens.append(t)
-            recon.append(r)
-        self.tokens, self.recon = torch.cat(tokens), torch.cat(recon)
-
-    def strata(self, tables: TextTables) -> dict[str, tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
-        """Understanding items per stratum: (scene index, text row, crop box)."""
-        device = self.images.device
-        full = torch.tensor([0, 0, IMAGE_SIZE, IMAGE_SIZE], device=device)
-        scenes = torch.arange(len(self), device=device)
-        out = {}
-        for name, want in (("global_yes", True), ("global_no", False)):
-            idx = scenes[self.label == want]
-            out[name] = (idx, tables.global_row(self.prompt[idx], torch.full_like(idx, int(want))),
-                         full.expand(len(idx), 4))
-        valid = self.local_valid
-        slot_scene = scenes[:, None].expand_as(valid)
-        for name, want in (("local_yes", True), ("local_no", False)):
-            sel = valid & (self.local_label == want)
-            idx = slot_scene[sel]
-            out[name] = (idx, tables.local_row(self.local_q[sel], self.local_label[sel]), self.local_box[sel])
-        pos = scenes[self.label & (self.kind == 0)]
-        out["caption"] = (pos, tables.caption_row(self.prompt[pos]), full.expand(len(pos), 4))
-        return out
-
-
 # ------------------------------------------------------------------------------------------------- VQ stage
 @torch.no_grad()
 def vq_roundtrip(vq, images_u8: torch.Tensor, autocast=nullcontext) -> tuple[torch.Tensor, torch.Tensor]:
@@ -624,11 +324,11 @@ def vq_roundtrip(vq, images_u8: torch.Tensor, autocast=nullcontext) -> tuple[tor
     Encoding runs in float32 (nearest-code search in bf16 would pick near-tied codes at random); decoding may run
     under `autocast`.
     """
-    tokens = vq.encode(_to_unit(images_u8).to(vq.quantize.embedding.weight.dtype)).image_tokens
+    tokens = vq.encode(to_unit(images_u8).to(vq.quantize.embedding.weight.dtype)).image_tokens
     tokens = tokens.view(images_u8.shape[0], -1)
     with autocast():
         pixels = vq.decode(tokens)
-    return tokens, _to_u8(pixels)
+    return tokens, to_u8(pixels)
 
 
 def _quantize(vq, z: torch.Tensor):
@@ -643,12 +343,6 @@ def _quantize(vq, z: torch.Tensor):
     commitment = F.mse_loss(flat, q.detach())
     q = flat + (q - flat).detach()
     return q.view(b, h, w, d).permute(0, 3, 1, 2), index, codebook_loss, commitment, flat
-
-
-def _lr_factor(step: int, warmup: int, progress: float, min_ratio: float) -> float:
-    ramp = min(1.0, (step + 1) / max(1, warmup))
-    progress = min(max(progress, 0.0), 1.0)
-    return ramp * (min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 def train_vq(vq, images: torch.Tensor, cfg: PretrainConfig, until: float, start: float, generator, autocast,
@@ -668,7 +362,7 @@ def train_vq(vq, images: torch.Tensor, cfg: PretrainConfig, until: float, start:
                  "until": until}
         with torch.no_grad(), autocast():  # initialise the codebook from encoder outputs
             idx = torch.randint(0, len(images), (min(len(images), 256),), device=device, generator=generator)
-            z = vq.quant_conv(vq.encoder(_to_unit(images[idx]))).float()
+            z = vq.quant_conv(vq.encoder(to_unit(images[idx]))).float()
             flat = F.normalize(z.permute(0, 2, 3, 1).reshape(-1, z.shape[1]), dim=-1)
             pick = torch.randint(0, len(flat), (vq.quantize.num_embeddings,), device=device, generator=generator)
             noise = 0.01 * torch.randn(vq.quantize.num_embeddings, flat.shape[1], device=device, generator=generator)
@@ -680,14 +374,14 @@ def train_vq(vq, images: torch.Tensor, cfg: PretrainConfig, until: float, start:
     first_step = state["step"]
     while time.time() < until or state["step"] - first_step < cfg.min_steps:
         step = state["step"]
-        factor = _lr_factor(step, cfg.vq_warmup, (time.time() - state["stage_start"]) / max(total, 1e-6), 0.1)
+        factor = lr_factor(step, cfg.vq_warmup, (time.time() - state["stage_start"]) / max(total, 1e-6), 0.1)
         for group in opt.param_groups:
             group["lr"] = cfg.vq_lr * factor
         idx = torch.randint(0, len(images), (cfg.vq_batch,), device=device, generator=generator)
         batch = images[idx]
         flip = torch.rand(len(batch), device=device, generator=generator) < 0.5
         batch = torch.where(flip[:, None, None, None], batch.flip(2), batch)
-        x = _to_unit(batch)
+        x = to_unit(batch)
         with autocast():
             z = vq.quant_conv(vq.encoder(x))
         q, index, codebook_loss, commitment, flat = _quantize(vq, z)
@@ -715,7 +409,7 @@ def train_vq(vq, images: torch.Tensor, cfg: PretrainConfig, until: float, start:
         window.append(torch.stack([recon.detach(), commitment.detach()]))
         if time.time() - last_log > cfg.log_every_s:
             rec_l, com_l = torch.stack(window).mean(0).tolist()
-            _log(start, f"vq step {state['step']}: recon {rec_l:.4f} commit {com_l:.4f} lr {cfg.vq_lr * factor:.2e} "
+            log(start, f"vq step {state['step']}: recon {rec_l:.4f} commit {com_l:.4f} lr {cfg.vq_lr * factor:.2e} "
                         f"codes used {state.get('last_used', float('nan')):.0f}/{vq.quantize.num_embeddings} "
                         f"skipped {state.get('skipped', 0)}")
             last_log, window = time.time(), []
@@ -741,12 +435,6 @@ def _restart_dead_codes(vq, opt, state: dict, flat: torch.Tensor, generator) -> 
             if key in opt_state:
                 opt_state[key][dead] = 0
     usage.zero_()
-
-
-def score_images(workers: Workers, images: list[np.ndarray], prompts: list[str]) -> list:
-    """Scorer results of `images` against `prompts`, computed by the workers."""
-    jobs = list(zip(images, prompts))
-    return workers.map(score_job, jobs, chunksize=max(1, len(jobs) // (4 * max(1, workers.n))))
 
 
 def vq_accuracy(vq, workers: Workers, arrays: dict[str, np.ndarray], prompts: list[str], device, autocast,
@@ -779,35 +467,17 @@ class UnderstandingSampler:
         self.fill = torch.tensor(ip.background_color, device=device, dtype=torch.float32)
         self.size = ip.size["height"]
 
-    def _draw(self, name: str, n: int):
-        scenes, rows, boxes = self.strata[name]
-        pick = torch.randint(0, len(scenes), (n,), device=scenes.device, generator=self.generator)
-        return scenes[pick], rows[pick], boxes[pick]
-
     def pixels(self, scenes: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
         """Normalised pixel values of the scenes' images (some VQ-reconstructed, some noised), cropped to boxes."""
-        cfg, gen, pool = self.cfg, self.generator, self.pool
-        n = len(scenes)
-        images = pool.images[scenes]
-        if pool.recon is not None and cfg.recon_prob > 0:
-            use = torch.rand(n, device=images.device, generator=gen) < cfg.recon_prob
-            images = torch.where(use[:, None, None, None], pool.recon[scenes], images)
-        x = images.permute(0, 3, 1, 2).float()
-        noisy = torch.rand(n, device=x.device, generator=gen) < cfg.noise_prob
-        sigma = torch.rand(n, device=x.device, generator=gen) * cfg.noise_sigma_max * noisy
-        x = (x + sigma[:, None, None, None] * torch.randn(x.shape, device=x.device, generator=gen)).clamp(0, 255)
-        x = crop_resize(x.round(), boxes, self.size, self.fill)
+        cfg = self.cfg
+        x = self.pool.augmented(scenes, cfg.recon_prob, cfg.noise_prob, cfg.noise_sigma_max, self.generator)
+        x = crop_resize(x, boxes, self.size, self.fill)
         return (x / 255.0 - self.mean) / self.std
 
     def sample(self):
         """(input ids, attention mask, labels, answer positions, pixels, number of yes/no rows, text rows)."""
-        cfg = self.cfg
-        names = [k for k in ("global_yes", "global_no", "local_yes", "local_no") if len(self.strata[k][0])]
-        parts = [self._draw(name, cfg.und_batch // len(names)) for name in names]
-        n_und = sum(len(p[0]) for p in parts)
-        if cfg.cap_batch and len(self.strata["caption"][0]):
-            parts.append(self._draw("caption", cfg.cap_batch))
-        scenes, rows, boxes = (torch.cat(x) for x in zip(*parts))
+        scenes, rows, boxes, n_und = self.pool.draw(self.strata, self.cfg.und_batch, self.cfg.cap_batch,
+                                                    self.generator)
         t = self.tables
         pixels = self.pixels(scenes, boxes)
         return t.qa_ids[rows], t.qa_mask[rows], t.qa_labels[rows], t.answer_pos[rows], pixels, n_und, rows
@@ -873,7 +543,7 @@ def train_lm(backend: JanusBackend, pool: ScenePool, tables: TextTables, cfg: Pr
     total = max(until - stage_start, 1e-6)
     last_log, window = time.time(), []
     while time.time() < until or step < cfg.min_steps:
-        factor = _lr_factor(step, cfg.lm_warmup, (time.time() - stage_start) / total, cfg.lm_min_lr_ratio)
+        factor = lr_factor(step, cfg.lm_warmup, (time.time() - stage_start) / total, cfg.lm_min_lr_ratio)
         for group in opt.param_groups:
             group["lr"] = cfg.lm_lr * factor
         losses = lm_step_losses(backend, pool, sampler, tables, cfg, generator, autocast)
@@ -894,7 +564,7 @@ def train_lm(backend: JanusBackend, pool: ScenePool, tables: TextTables, cfg: Pr
         if time.time() - last_log > cfg.log_every_s:
             gen_l, und_l, cap_l, acc, g_acc, l_acc, norm = torch.stack(window).mean(0).tolist()
             rate = step / (time.time() - stage_start)
-            _log(start, f"lm step {step}: gen {gen_l:.3f} und {und_l:.3f} (acc {acc:.3f}: global {g_acc:.3f} "
+            log(start, f"lm step {step}: gen {gen_l:.3f} und {und_l:.3f} (acc {acc:.3f}: global {g_acc:.3f} "
                         f"local {l_acc:.3f}) cap {cap_l:.3f} grad {norm:.2f} lr {cfg.lm_lr * factor:.2e} "
                         f"skipped {skipped} ({rate:.1f} steps/s)")
             last_log, window = time.time(), []
@@ -903,49 +573,6 @@ def train_lm(backend: JanusBackend, pool: ScenePool, tables: TextTables, cfg: Pr
 
 
 # ----------------------------------------------------------------------------------------------- evaluation
-def auc(scores, labels) -> float | None:
-    """Area under the ROC curve of `scores` for boolean `labels` (ties count half); None with a single class."""
-    s, y = np.asarray(scores, dtype=np.float64), np.asarray(labels, dtype=bool)
-    n_pos, n_neg = int(y.sum()), int((~y).sum())
-    if n_pos == 0 or n_neg == 0:
-        return None
-    order = np.argsort(s, kind="mergesort")
-    ranks = np.empty(len(s))
-    sorted_s = s[order]
-    i = 0
-    while i < len(s):
-        j = i
-        while j + 1 < len(s) and sorted_s[j + 1] == sorted_s[i]:
-            j += 1
-        ranks[order[i : j + 1]] = (i + j) / 2 + 1
-        i = j + 1
-    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
-
-
-def _agreement(p_yes, correct) -> dict:
-    p, c = np.asarray(p_yes, dtype=np.float64), np.asarray(correct, dtype=bool)
-    return {"accuracy": float(np.mean((p > 0.5) == c)) if len(c) else None, "auc": auc(p, c), "n": int(len(c)),
-            "scorer_correct_fraction": float(c.mean()) if len(c) else None}
-
-
-def _understanding_items(arrays: dict[str, np.ndarray], prompts: list[str]):
-    """(images, questions, labels, kinds) of global and local yes/no items of rendered scenes (PIL crops)."""
-    local_questions = all_local_questions()
-    images, questions, labels, kinds = [], [], [], []
-    for i in range(len(arrays["images"])):
-        image = Image.fromarray(arrays["images"][i])
-        images.append(image)
-        questions.append(global_question(prompts[arrays["prompt"][i]]))
-        labels.append(bool(arrays["label"][i]))
-        kinds.append("global")
-        for k in np.nonzero(arrays["local_valid"][i])[0]:
-            images.append(image.crop(tuple(int(v) for v in arrays["local_box"][i, k])))
-            questions.append(local_questions[arrays["local_q"][i, k]])
-            labels.append(bool(arrays["local_label"][i, k]))
-            kinds.append("local")
-    return images, questions, labels, kinds
-
-
 def evaluate(backend: JanusBackend, cfg: PretrainConfig, workers: Workers, und_arrays, vq_arrays, seed: int,
              autocast, start: float) -> dict:
     """Generation, understanding, judge-agreement and VQ metrics of a backend (see the module docs)."""
@@ -957,59 +584,32 @@ def evaluate(backend: JanusBackend, cfg: PretrainConfig, workers: Workers, und_a
     t = time.time()
     metrics["vq_recon_accuracy"], metrics["vq_codebook_usage"] = vq_accuracy(
         vq, workers, vq_arrays, heldout, device, autocast, cfg.eval_batch)
-    _log(start, f"eval: VQ reconstruction accuracy {metrics['vq_recon_accuracy']:.3f} ({time.time() - t:.1f}s)")
+    log(start, f"eval: VQ reconstruction accuracy {metrics['vq_recon_accuracy']:.3f} ({time.time() - t:.1f}s)")
 
     # generation on held-out prompts, scored exactly; the judge's global P(yes) on the same images
     prompts = sample_prompts(cfg.eval_gen_prompts, "heldout", seed=seed + 1)
-    questions = [global_question(p) for p in prompts]
-    generation, per_guidance_agreement, all_p, all_c = {}, {}, [], []
-    for guidance in cfg.eval_guidances:
-        t = time.time()
-        with autocast():
-            rollout = backend.generate(prompts, GenerationConfig(guidance=guidance, batch_size=cfg.eval_batch),
-                                       seed=seed + 2)
-            p_yes = backend.yes_probability(rollout.images, questions).tolist()
-        results = score_images(workers, [np.asarray(im) for im in rollout.images], prompts)
-        generation[str(guidance)] = accuracy_by_category(results)
-        correct = [r.correct for r in results]
-        per_guidance_agreement[str(guidance)] = _agreement(p_yes, correct)
-        all_p += p_yes
-        all_c += correct
-        _log(start, f"eval: guidance {guidance}: generation {generation[str(guidance)]} "
-                    f"judge {per_guidance_agreement[str(guidance)]} ({time.time() - t:.1f}s)")
+    settings = {str(g): {"guidance": g} for g in cfg.eval_guidances}
+    result = evaluate_generation(backend, workers, prompts, settings, seed + 2, cfg.eval_batch, autocast, start)
+    generation = result["generation"]
     best = max(generation, key=lambda g: generation[g]["overall"])
     metrics["generation"] = generation
     metrics["best_guidance"] = float(best)
     metrics["generation_accuracy"] = generation[best]["overall"]
-    pooled = _agreement(all_p, all_c)
+    pooled = result["judge_agreement"]["pooled"]
     metrics["judge_agreement_accuracy"] = pooled["accuracy"]
     metrics["judge_agreement_auc"] = pooled["auc"]
-    metrics["judge_agreement"] = {"pooled": pooled, "per_guidance": per_guidance_agreement}
+    metrics["judge_agreement"] = {"pooled": pooled, "per_guidance": result["judge_agreement"]["per_setting"]}
 
     # yes/no understanding on fresh renders of held-out prompts, clean and VQ-reconstructed
     t = time.time()
-    und = {}
-    images, qs, labels, kinds = _understanding_items(und_arrays, heldout)
-    recon_arrays = dict(und_arrays)
-    recon_arrays["images"] = np.concatenate([
+    recon = np.concatenate([
         vq_roundtrip(vq, chunk, autocast)[1].cpu().numpy()
         for chunk in torch.from_numpy(und_arrays["images"]).to(device).split(cfg.eval_batch)
     ])
-    recon_images, _, _, _ = _understanding_items(recon_arrays, heldout)
-    correct_all = []
-    for view, view_images in (("clean", images), ("vq", recon_images)):
-        with autocast():
-            p_yes = backend.yes_probability(view_images, qs).numpy()
-        right = (p_yes > 0.5) == np.asarray(labels)
-        correct_all.append(right)
-        for kind in ("global", "local"):
-            sel = np.asarray(kinds) == kind
-            und[f"{kind}_{view}"] = float(right[sel].mean())
-    und["n_items"] = len(labels)
-    und["yes_fraction"] = float(np.mean(labels))
+    und = evaluate_understanding(backend, und_arrays, recon, heldout, "vq", autocast)
+    metrics["understanding_accuracy"] = und.pop("accuracy")
     metrics["understanding"] = und
-    metrics["understanding_accuracy"] = float(np.concatenate(correct_all).mean())
-    _log(start, f"eval: understanding {metrics['understanding_accuracy']:.3f} {und} ({time.time() - t:.1f}s)")
+    log(start, f"eval: understanding {metrics['understanding_accuracy']:.3f} {und} ({time.time() - t:.1f}s)")
     return metrics
 
 
@@ -1076,11 +676,11 @@ def main(argv=None) -> dict:
     try:
         t = time.time()
         slots = cfg.local_slots
-        vq_jobs = _scene_jobs(seed, 0, cfg.vq_pool, cfg.chunk, "train", 0.7, 0)
-        lm_jobs = _scene_jobs(seed, 1, cfg.lm_pool, cfg.chunk, "train", cfg.positive_fraction, slots)
-        vq_eval_jobs = _scene_jobs(seed, 2, cfg.eval_vq_images, cfg.chunk, "heldout", 1.0, 0)
-        und_eval_jobs = _scene_jobs(seed, 3, cfg.eval_und_scenes, cfg.chunk, "heldout", 0.5, slots)
-        vq_arrays = _concat(workers.map(render_scenes, vq_jobs))
+        vq_jobs = scene_jobs(seed, 0, cfg.vq_pool, cfg.chunk, "train", 0.7, 0)
+        lm_jobs = scene_jobs(seed, 1, cfg.lm_pool, cfg.chunk, "train", cfg.positive_fraction, slots)
+        vq_eval_jobs = scene_jobs(seed, 2, cfg.eval_vq_images, cfg.chunk, "heldout", 1.0, 0)
+        und_eval_jobs = scene_jobs(seed, 3, cfg.eval_und_scenes, cfg.chunk, "heldout", 0.5, slots)
+        vq_arrays = concat_arrays(workers.map(render_scenes, vq_jobs))
         pending_eval = workers.map_async(render_scenes, vq_eval_jobs + und_eval_jobs)
         pending_lm = workers.map_async(render_scenes, lm_jobs)
         model, processor = build_tiny_janus(VOCABULARY, cfg.spec, seed=seed)
@@ -1088,7 +688,7 @@ def main(argv=None) -> dict:
         backend = JanusBackend(model, processor, understanding_batch_size=cfg.eval_batch)
         n_params = sum(p.numel() for p in model.parameters())
         seconds["setup"] = time.time() - t
-        _log(start, f"scale {cfg.scale} on {device} with {cfg.workers} workers; {n_params / 1e6:.2f}M parameters; "
+        log(start, f"scale {cfg.scale} on {device} with {cfg.workers} workers; {n_params / 1e6:.2f}M parameters; "
                     f"{len(vq_arrays['images'])} VQ images rendered ({seconds['setup']:.1f}s)")
 
         # a. VQ
@@ -1096,36 +696,36 @@ def main(argv=None) -> dict:
         vq = model.model.vqmodel
         vq_images = torch.from_numpy(vq_arrays["images"]).to(device)
         eval_chunks = pending_eval.get()
-        vq_eval_arrays = _concat(eval_chunks[: len(vq_eval_jobs)])
-        und_eval_arrays = _concat(eval_chunks[len(vq_eval_jobs) :])
+        vq_eval_arrays = concat_arrays(eval_chunks[: len(vq_eval_jobs)])
+        und_eval_arrays = concat_arrays(eval_chunks[len(vq_eval_jobs) :])
         vq_check = {k: v[: max(1, len(v) // 2)] for k, v in vq_eval_arrays.items()}  # half held back for the final eval
         state = train_vq(vq, vq_images, cfg, start + cfg.vq_fraction * cfg.time_budget_s, start, generator, autocast)
         vq_acc, used = vq_accuracy(vq, workers, vq_check, heldout_prompts(), device, autocast, cfg.eval_batch)
-        _log(start, f"vq: {state['step']} steps, reconstruction accuracy {vq_acc:.3f}, codebook usage {used:.2f}")
+        log(start, f"vq: {state['step']} steps, reconstruction accuracy {vq_acc:.3f}, codebook usage {used:.2f}")
         extra = 0.0
         while cfg.require_vq_target and vq_acc < cfg.vq_target and extra < cfg.vq_max_extra_s:
             extra += cfg.vq_extend_s
             state = train_vq(vq, vq_images, cfg, time.time() + cfg.vq_extend_s, start, generator, autocast, state)
             vq_acc, used = vq_accuracy(vq, workers, vq_check, heldout_prompts(), device, autocast, cfg.eval_batch)
-            _log(start, f"vq (extended): {state['step']} steps, reconstruction accuracy {vq_acc:.3f}")
+            log(start, f"vq (extended): {state['step']} steps, reconstruction accuracy {vq_acc:.3f}")
         if cfg.require_vq_target and vq_acc < cfg.vq_target:
-            _log(start, f"WARNING: VQ reconstruction accuracy {vq_acc:.3f} is below the target {cfg.vq_target}")
+            log(start, f"WARNING: VQ reconstruction accuracy {vq_acc:.3f} is below the target {cfg.vq_target}")
         vq_steps = state["step"]
         del vq_images, state
         seconds["vq"] = time.time() - t
 
         # b. language model
         t = time.time()
-        pool = ScenePool(_concat(pending_lm.get()), device)
-        pool.encode(vq, 1024 if device.type == "cuda" else 64, autocast)
+        pool = ScenePool(concat_arrays(pending_lm.get()), device)
+        pool.encode(lambda chunk: vq_roundtrip(vq, chunk, autocast), 1024 if device.type == "cuda" else 64)
         tables = TextTables(processor, train_prompts(), device)
         tables.check_against(backend)
-        _log(start, f"lm: {len(pool)} scenes encoded ({time.time() - t:.1f}s); "
+        log(start, f"lm: {len(pool)} scenes encoded ({time.time() - t:.1f}s); "
                     f"kinds {np.bincount(pool.kind.cpu().numpy(), minlength=len(KINDS)).tolist()}")
         lm_steps = train_lm(backend, pool, tables, cfg, deadline - cfg.eval_reserve_s, start, generator, autocast)
         del pool
         seconds["lm"] = time.time() - t
-        _log(start, f"lm: {lm_steps} steps ({seconds['lm']:.1f}s)")
+        log(start, f"lm: {lm_steps} steps ({seconds['lm']:.1f}s)")
 
         # d. save, then c. evaluate the checkpoint as it loads
         t = time.time()
@@ -1155,22 +755,14 @@ def main(argv=None) -> dict:
         codebook_norm_max_error=float((codebook.detach().norm(dim=-1) - 1).abs().max()),
         steps={"vq": vq_steps, "lm": lm_steps},
         seconds=seconds,
-        config=_jsonable(asdict(cfg)),
+        config=jsonable(asdict(cfg)),
     )
     (out / "metrics.json").write_text(json.dumps(metrics, indent=2))
-    _log(start, f"done: generation {metrics['generation_accuracy']:.3f} (guidance {metrics['best_guidance']}), "
+    log(start, f"done: generation {metrics['generation_accuracy']:.3f} (guidance {metrics['best_guidance']}), "
                 f"understanding {metrics['understanding_accuracy']:.3f}, judge agreement "
                 f"{metrics['judge_agreement_accuracy']:.3f} / AUC {metrics['judge_agreement_auc']}, "
                 f"VQ {metrics['vq_recon_accuracy']:.3f}; seconds {json.dumps({k: round(v, 1) for k, v in seconds.items()})}")
     return metrics
-
-
-def _jsonable(value):
-    if isinstance(value, dict):
-        return {k: _jsonable(v) for k, v in value.items()}
-    if isinstance(value, (list, tuple)):
-        return [_jsonable(v) for v in value]
-    return value
 
 
 if __name__ == "__main__":

@@ -93,6 +93,7 @@ class BagelBackend(UMMBackend):
         understanding_batch_size: (image, question) pairs per understanding forward.
         think: answer in the official "think" mode (a system prompt asks for `<think>...</think>` first).
         generation_format / question_format: `{prompt}` / `{question}` templates of the text blocks.
+        guidance_scale: the text CFG scale `generate` uses when given no config (official: 4.0).
     """
 
     token_kind = "continuous"
@@ -116,6 +117,7 @@ class BagelBackend(UMMBackend):
         generation_format: str = "{prompt}",
         question_format: str = "{question}",
         vae_dtype: torch.dtype | None = None,
+        guidance_scale: float = 4.0,
     ):
         super().__init__(model, tokenizer)
         self.vae = vae
@@ -141,6 +143,7 @@ class BagelBackend(UMMBackend):
         self.generation_format = generation_format
         self.question_format = question_format
         self.vae_dtype = vae_dtype
+        self.guidance_scale = float(guidance_scale)
         self.ids = add_special_tokens(tokenizer)
         self._yes_ids = self._single_token_ids(("yes", "Yes", " yes", " Yes", "YES"))
         self._no_ids = self._single_token_ids(("no", "No", " no", " No", "NO"))
@@ -231,7 +234,7 @@ class BagelBackend(UMMBackend):
         top_k do not apply to flow sampling. The same seed gives the same images (noise is drawn on the CPU). With
         `config.sde` the sampler takes SDE steps where the config says and records them in `Rollout.trajectory`
         (`flow.sample_latents`)."""
-        config = config or GenerationConfig(guidance=4.0)
+        config = config or self.default_generation_config()
         self.check_prompts(prompts)
         parts = self._sample_batches(prompts, config.batch_size, seed,
                                      lambda batch, g: sample_latents(self, batch, config.guidance, g, config.sde),
@@ -320,6 +323,32 @@ class BagelBackend(UMMBackend):
         """The rollout's recorded SDE steps under the model as it is now, with gradients
         (`flow.recompute_step_logprobs`)."""
         return recompute_step_logprobs(self, prompts, rollout)
+
+    @torch.no_grad()
+    def guidance_margin(self, prompts: list[str], rollout: Rollout, times=(0.3, 0.5, 0.7, 0.9),
+                        seed: int = 0) -> torch.Tensor:
+        """Per image, how far the conditional velocity is from the unconditional one on its own latents: the mean
+        over `times` and tokens of `|v_c - v_u|^2` (per latent number), with noise drawn from `seed` (the flow
+        counterpart of the discrete backends' guidance margin; drift shows guidance compounding)."""
+        device = self.device
+        cfg = self.config
+        x0 = latents_to_tokens(rollout.tokens.to(device=device, dtype=torch.float32), cfg.latent_patch_size)
+        B = x0.shape[0]
+        generator = torch.Generator().manual_seed(seed)
+        ids, valid = self._left_pad([self._prompt_ids(p) for p in prompts] + [[] for _ in prompts])
+        gaps = []
+        for point in times:
+            t = torch.full((B,), float(point), device=device)
+            eps = torch.randn(x0.shape, generator=generator).to(device)
+            x_t = (1 - point) * x0 + point * eps
+            v = self._call("context_velocity", ids=ids, valid=valid, x_t=torch.cat([x_t, x_t]), t=torch.cat([t, t]),
+                           grid=tuple(rollout.grid), markers=self._markers()).float()
+            gaps.append((v[:B] - v[B:]).pow(2).mean(dim=(1, 2)))
+        return torch.stack(gaps).mean(0).cpu()
+
+    def default_generation_config(self) -> GenerationConfig:
+        """Text CFG at `guidance_scale` (the folder's `generation_config.json`, else BAGEL's 4.0)."""
+        return GenerationConfig(guidance=self.guidance_scale)
 
     # ------------------------------------------------------------------------------------ understanding
     def _vit_inputs(self, image: Image.Image):
@@ -464,10 +493,12 @@ class BagelBackend(UMMBackend):
 
     # ----------------------------------------------------------------------------------------------- saving
     def save_pretrained(self, path: str) -> None:
-        """An official BAGEL folder (configs, `ema.safetensors`, `ae.safetensors`, tokenizer) for a plain model;
-        the adapter (+ tokenizer) for a PEFT model (load it with `load_backend(base, adapter=path)`)."""
+        """An official BAGEL folder (configs, `ema.safetensors`, `ae.safetensors`, tokenizer) for a plain model,
+        with this backend's settings in `generation_config.json`; the adapter (+ tokenizer) for a PEFT model (load it
+        with `load_backend(base, adapter=path)`)."""
         import os
 
+        from .loading import write_generation_config
         from .vae import save_vae
 
         os.makedirs(path, exist_ok=True)
@@ -477,4 +508,5 @@ class BagelBackend(UMMBackend):
             self.core.save_pretrained(path)
             if not os.path.isfile(os.path.join(path, "ae.safetensors")):
                 save_vae(self.vae, os.path.join(path, "ae.safetensors"), self.config.vae_config)
+            write_generation_config(path, self)
         self.tokenizer.save_pretrained(path)

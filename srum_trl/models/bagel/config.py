@@ -9,7 +9,9 @@ applies the same overrides:
 - ViT: `rope=False` (learned position embeddings) and the last encoder layer dropped (`num_hidden_layers - 1`);
 - BAGEL: `vit_max_num_patch_per_side=70`, `connector_act="gelu_pytorch_tanh"`, `latent_patch_size=2`,
   `max_latent_size=64`;
-- VAE: FLUX autoencoder, 16 latent channels, downsample 8, scale 0.3611, shift 0.1159.
+- VAE: FLUX autoencoder, 16 latent channels, downsample 8, scale 0.3611, shift 0.1159. Another autoencoder's shape
+  is read from the header of `ae.safetensors`, and what the weights do not tell (latent scale and shift, group-norm
+  groups) from `ae_config.json` beside it.
 """
 
 from __future__ import annotations
@@ -24,6 +26,9 @@ LLM_CONFIG_FILE = "llm_config.json"
 VIT_CONFIG_FILE = "vit_config.json"
 VAE_WEIGHTS_FILE = "ae.safetensors"
 WEIGHTS_FILE = "ema.safetensors"
+#: written beside `ae.safetensors` when the autoencoder is not FLUX's: what its weights do not tell (latent scale and
+#: shift, group-norm groups); the official folder has none and gets the FLUX values
+VAE_CONFIG_FILE = "ae_config.json"
 
 
 def _pick(cls, values: dict) -> dict:
@@ -149,6 +154,11 @@ class BagelVAEConfig:
     def from_dict(cls, values: dict) -> "BagelVAEConfig":
         return cls(**_pick(cls, values))
 
+    @property
+    def is_flux(self) -> bool:
+        """Whether this is the FLUX autoencoder of BAGEL-7B-MoT (the official folder's, described by no file)."""
+        return self == BagelVAEConfig()
+
 
 class BagelConfig(PretrainedConfig):
     """Everything the native BAGEL model needs: `llm`, `vit`, `vae` sub-configurations and the BAGEL glue.
@@ -234,6 +244,9 @@ class BagelConfig(PretrainedConfig):
             from .vae import vae_config_from_file
 
             vae = vae_config_from_file(os.path.join(path, VAE_WEIGHTS_FILE))
+        if os.path.isfile(os.path.join(path, VAE_CONFIG_FILE)):  # a non-FLUX autoencoder: scale, shift, groups
+            with open(os.path.join(path, VAE_CONFIG_FILE)) as f:
+                vae = BagelVAEConfig.from_dict({**asdict(vae), **json.load(f)})
         if os.path.isfile(os.path.join(path, "config.json")):  # written by save_pretrained: the BAGEL glue values
             try:
                 with open(os.path.join(path, "config.json")) as f:
@@ -248,12 +261,16 @@ class BagelConfig(PretrainedConfig):
         return cls(llm=llm, vit=vit, vae=vae, **overrides)
 
     def save_folder(self, path: str) -> None:
-        """Write `llm_config.json` and `vit_config.json` as the official folder holds them."""
+        """Write `llm_config.json` and `vit_config.json` as the official folder holds them, and `ae_config.json`
+        when the autoencoder is not FLUX's."""
         os.makedirs(path, exist_ok=True)
         with open(os.path.join(path, LLM_CONFIG_FILE), "w") as f:
             json.dump(self.llm_config.to_json_dict(), f, indent=2)
         with open(os.path.join(path, VIT_CONFIG_FILE), "w") as f:
             json.dump(self.vit_config.to_json_dict(), f, indent=2)
+        if not self.vae_config.is_flux:
+            with open(os.path.join(path, VAE_CONFIG_FILE), "w") as f:
+                json.dump(asdict(self.vae_config), f, indent=2)
 
 
 def bagel_7b_mot_config() -> BagelConfig:

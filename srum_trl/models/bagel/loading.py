@@ -24,8 +24,27 @@ _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torc
 BACKEND_KEYS = (
     "image_size", "num_timesteps", "timestep_shift", "cfg_interval", "cfg_renorm_type", "cfg_renorm_min",
     "vit_max_size", "vit_min_size", "vit_max_pixels", "understanding_batch_size", "think", "generation_format",
-    "question_format", "vae_dtype",
+    "question_format", "vae_dtype", "guidance_scale",
 )
+#: a folder's own backend settings (sampler and judge image transform it was measured with; any of `BACKEND_KEYS`
+#: but `vae_dtype`); the official folder has none, and explicit arguments override it
+GENERATION_CONFIG_FILE = "generation_config.json"
+
+
+def read_generation_config(path: str) -> dict:
+    """The backend settings stored in a BAGEL folder's `generation_config.json` ({} when it has none)."""
+    import json
+
+    file = os.path.join(path, GENERATION_CONFIG_FILE)
+    if not os.path.isfile(file):
+        return {}
+    with open(file) as f:
+        stored = json.load(f)
+    allowed = set(BACKEND_KEYS) - {"vae_dtype"}
+    unknown = sorted(set(stored) - allowed)
+    if unknown:
+        raise ValueError(f"{file}: unknown settings {unknown}; it may hold {sorted(allowed)}.")
+    return stored
 #: BAGEL settings that the official loader sets in code rather than in the folder's files (defaults: 64, 70, 2)
 CONFIG_KEYS = ("max_latent_size", "vit_max_num_patch_per_side", "latent_patch_size", "timestep_shift")
 
@@ -36,6 +55,20 @@ def _dtype(value):
     if value not in _DTYPES:
         raise ValueError(f"dtype must be one of {sorted(_DTYPES)} or 'auto', got {value!r}.")
     return _DTYPES[value]
+
+
+def write_generation_config(path: str, backend: BagelBackend) -> dict:
+    """Write a backend's settings (sampler, `guidance_scale`, judge image transform) as the folder's
+    `generation_config.json`, which `load_bagel` reads back; returns them."""
+    import json
+
+    settings = {key: getattr(backend, key) for key in BACKEND_KEYS if key != "vae_dtype"}
+    settings["image_size"] = backend.image_size
+    settings["cfg_interval"] = list(settings["cfg_interval"])
+    with open(os.path.join(path, GENERATION_CONFIG_FILE), "w") as f:
+        json.dump(settings, f, indent=2)
+        f.write("\n")
+    return settings
 
 
 def load_bagel_model(path: str, dtype=None, device=None, weights_file: str = WEIGHTS_FILE,
@@ -101,6 +134,7 @@ def load_bagel_model(path: str, dtype=None, device=None, weights_file: str = WEI
     model.load_report = report
     model._vae_file = os.path.join(path, VAE_WEIGHTS_FILE)
     model.config._name_or_path = str(path)
+    model.name_or_path = str(path)  # what PEFT records as an adapter's base model
     return model.eval()
 
 
@@ -117,6 +151,9 @@ def load_bagel(path: str, adapter: str | None = None, backend_kwargs: dict | Non
         device: where to load the weights ("cuda:0", ...); default CPU.
         max_latent_size, vit_max_num_patch_per_side, latent_patch_size, timestep_shift: BAGEL settings that the
             official loader sets in code (64, 70, 2, 1.0); folders written by `save_pretrained` store them.
+
+    A folder's `generation_config.json` (not part of the official layout) gives the backend settings it was
+    measured with (sampler, `guidance_scale`, judge image transform); arguments override them.
         attn_implementation: only "sdpa" (PyTorch SDPA with an explicit mask) is implemented; "eager" is accepted
             as the same; anything else raises.
     """
@@ -124,7 +161,7 @@ def load_bagel(path: str, adapter: str | None = None, backend_kwargs: dict | Non
         raise ValueError(f"{path!r} is not a BAGEL folder: it needs llm_config.json and vit_config.json.")
     if attn_implementation not in (None, "sdpa", "eager"):
         raise ValueError(f"BAGEL runs on PyTorch SDPA; attn_implementation={attn_implementation!r} is not supported.")
-    settings = dict(backend_kwargs or {})
+    settings = {**read_generation_config(path), **(backend_kwargs or {})}
     overrides = {}
     for key in list(kwargs):
         if key in BACKEND_KEYS:

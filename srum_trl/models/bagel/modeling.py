@@ -542,16 +542,17 @@ class BagelModel(PreTrainedModel):
         return self.connector(feats) + self.vit_pos_embed(position_ids).to(feats.dtype)
 
     def _understand(self, ids, valid, positions, block_id, vit_slots=None, vit_patches=None, vit_position_ids=None,
-                    vit_valid=None, use_cache=False):
+                    vit_valid=None, use_cache=False, all_logits=False):
         """Logits of the next token after multimodal rows: text ids with ViT tokens scattered at `vit_slots`
-        (`[B, L]` bool, row-major in the order of the valid ViT tokens of `vit_patches`)."""
+        (`[B, L]` bool, row-major in the order of the valid ViT tokens of `vit_patches`); with `all_logits`, the
+        logits at every position `[B, L, V]` (teacher-forced answers)."""
         h = self._embed_ids(ids.clamp(min=0))
         if vit_slots is not None:
             feats = self.encode_vit(vit_patches, vit_position_ids, vit_valid)[vit_valid].to(h.dtype)
             h = h.masked_scatter(vit_slots[..., None], feats)
         mask = build_attention_mask(valid, block_id)
         hidden, cache = self.lm(h, positions, mask, None, None, use_cache=use_cache)
-        logits = self.language_model.lm_head(hidden[:, -1])
+        logits = self.language_model.lm_head(hidden if all_logits else hidden[:, -1])
         return (logits, cache) if use_cache else logits
 
     def _lm_step(self, ids, positions, cache, cache_valid):

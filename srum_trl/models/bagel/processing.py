@@ -49,10 +49,10 @@ def add_special_tokens(tokenizer) -> SpecialIds:
 def load_tokenizer(path: str):
     """The tokenizer files of a BAGEL folder (Qwen2's). Falls back to `tokenizer.json` alone when
     `AutoTokenizer` cannot read the folder (the official folder's `config.json` is not a model config)."""
-    from transformers import AutoTokenizer, PreTrainedTokenizerFast
+    from transformers import AutoTokenizer, PretrainedConfig, PreTrainedTokenizerFast
 
-    try:
-        return AutoTokenizer.from_pretrained(path)
+    try:  # an empty config: the folder's config.json is no transformers model config (none is needed to pick the class)
+        return AutoTokenizer.from_pretrained(path, config=PretrainedConfig())
     except Exception:  # noqa: BLE001 - fall back to the raw tokenizer.json
         file = os.path.join(path, "tokenizer.json")
         if not os.path.isfile(file):

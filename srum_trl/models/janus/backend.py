@@ -135,6 +135,16 @@ class JanusBackend(UMMBackend):
         n = self.config.vq_config.num_patches
         return (n, n)
 
+    def default_generation_config(self) -> GenerationConfig:
+        """The guidance scale and temperature of the checkpoint's `generation_config.json` (transformers'
+        `guidance_scale`, `temperature`), else the library's defaults (CFG 5)."""
+        stored = getattr(self.core, "generation_config", None)
+        defaults = GenerationConfig()
+        guidance = getattr(stored, "guidance_scale", None)
+        temperature = getattr(stored, "temperature", None)
+        return GenerationConfig(guidance=float(guidance) if guidance else defaults.guidance,
+                                temperature=float(temperature) if temperature else defaults.temperature)
+
     @property
     def num_image_tokens(self) -> int:
         h, w = self.token_grid

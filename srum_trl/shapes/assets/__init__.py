@@ -1,4 +1,5 @@
-"""Weights shipped with the package: the ShapesWorld base model and two LoRA adapters trained from it."""
+"""Weights shipped with the package: the ShapesWorld base models (Janus architecture; BAGEL architecture, a flow
+model) and LoRA adapters trained from them."""
 
 from __future__ import annotations
 
@@ -32,3 +33,15 @@ def grpo_lora_path() -> str:
     """Folder of the LoRA adapter trained by self-judged GRPO (the evidence table's `grpo` arm, seed 0): the
     improved model, 81.1% held-out generation accuracy against the base model's 77.3%."""
     return _path("grpo-lora")
+
+
+def flow_base_model_path() -> str:
+    """Folder of the pretrained ShapesWorld flow base model: a tiny BAGEL in BAGEL's published file layout
+    (`llm_config.json`, `vit_config.json`, `ema.safetensors`, `ae.safetensors`, ...), loaded by `load_backend`."""
+    return _path("flow-base")
+
+
+def flow_srum_lora_path() -> str:
+    """Folder of the LoRA adapter (generation expert) of the best `SRUMTrainer` recipe on the flow base, chosen by
+    training-split accuracy (see docs/shapes.md)."""
+    return _path("flow-srum-lora")

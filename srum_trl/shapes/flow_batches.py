@@ -1,0 +1,167 @@
+"""ShapesWorld training batches in the form the native BAGEL model reads them, built on the training device.
+
+- Generation (flow matching): `[<|im_start|>] prompt [<|im_end|>]` rows (left padded, as `BagelBackend` builds
+  them), a dropped prompt being a row with no valid token (the unconditional context of text CFG), and the clean
+  latent tokens of a render.
+- Understanding: one row per (image, question): `[<|vision_start|>] ViT tokens [<|vision_end|>]` at rotary position
+  0, then `[<|im_start|>] question [<|im_end|>] [<|im_start|>]` and the answer (`yes` / `no` or a caption) with
+  `<|im_end|>`, as `BagelBackend` lays out a judge's question. The image is resized the way the backend's NaViT
+  transform resizes it (Pillow's bicubic filter, emulated in torch), placed in the top-left corner of a fixed canvas
+  of `vit_max_size` pixels, and cut into patches; the patches outside the resized image are masked out, so every row
+  has the same length and the model sees what `BagelBackend.yes_probability` would show it. Rows are padded in the
+  middle (between the image block and the text) rather than on the left: masked positions do not change what the
+  valid ones compute.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from ..models.bagel.processing import add_special_tokens, encode_text, navit_size
+from .questions import CAPTION_QUESTION, NO, YES, all_local_questions, global_question
+from .scenes import resize_weights
+
+
+class FlowTextTables:
+    """Pre-tokenized rows for every prompt and question of the pretraining mixture.
+
+    Generation rows `gen_ids` / `gen_valid` `[P, Lg]`: `[bos] prompt [eos]` per prompt, left padded. Question rows
+    `qa_ids` / `qa_valid` / `qa_labels` `[R, Lq]`: `[bos] question [eos] [bos] answer [eos]`, left padded; labels are
+    -100 except on the answer and its eos. Row order (as in the Janus tables): global question of prompt p with
+    answer a (0 no, 1 yes) at `2 p + a`; local question q with answer a at `2 P + 2 q + a`; the caption of prompt p
+    at `2 P + 2 Q + p`.
+    """
+
+    def __init__(self, tokenizer, prompts: list[str], device):
+        self.ids = add_special_tokens(tokenizer)
+        self.prompts = prompts
+        self.local_questions = all_local_questions()
+        words = lambda text: self._words(tokenizer, text)  # noqa: E731
+        self.yes_id, self.no_id = self._one(words(YES)), self._one(words(NO))
+        bos, eos = self.ids.bos, self.ids.eos
+        self.gen_ids, self.gen_valid, _ = self._pad([[bos, *words(p), eos] for p in prompts], [0] * len(prompts),
+                                                    device)
+        rows = []
+        for p in prompts:
+            q = words(global_question(p))
+            rows += [(q, [self.no_id]), (q, [self.yes_id])]
+        for question in self.local_questions:
+            q = words(question)
+            rows += [(q, [self.no_id]), (q, [self.yes_id])]
+        caption = words(CAPTION_QUESTION)
+        rows += [(caption, words(p)) for p in prompts]
+        seqs = [[bos, *q, eos, bos, *a, eos] for q, a in rows]
+        self.qa_ids, self.qa_valid, self.qa_labels = self._pad(seqs, [len(a) + 1 for _, a in rows], device)
+        # index (in the row) of the token whose next-token logits give the first answer token: the last question bos
+        self.answer_pos = torch.tensor([self.qa_ids.shape[1] - len(a) - 2 for _, a in rows], device=device)
+        self.num_prompts, self.num_local = len(prompts), len(self.local_questions)
+        self.caption_offset = 2 * self.num_prompts + 2 * self.num_local
+
+    @staticmethod
+    def _words(tokenizer, text: str) -> list[int]:
+        ids = encode_text(tokenizer, text)
+        if tokenizer.unk_token_id is not None and tokenizer.unk_token_id in ids:
+            raise ValueError(f"{text!r} has words outside the tokenizer's vocabulary")
+        return ids
+
+    @staticmethod
+    def _one(ids: list[int]) -> int:
+        (token,) = ids
+        return token
+
+    def _pad(self, seqs, answer_lengths, device):
+        length = max(len(s) for s in seqs)
+        ids = torch.full((len(seqs), length), self.ids.pad, dtype=torch.long)
+        valid = torch.zeros((len(seqs), length), dtype=torch.bool)
+        labels = torch.full((len(seqs), length), -100, dtype=torch.long)
+        for i, (s, n) in enumerate(zip(seqs, answer_lengths)):
+            ids[i, length - len(s) :] = torch.tensor(s)
+            valid[i, length - len(s) :] = True
+            if n:
+                labels[i, length - n :] = ids[i, length - n :]
+        return ids.to(device), valid.to(device), labels.to(device)
+
+    def global_row(self, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        return 2 * prompt + answer.long()
+
+    def local_row(self, question: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        return 2 * self.num_prompts + 2 * question.long() + answer.long()
+
+    def caption_row(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.caption_offset + prompt
+
+
+class NavitCanvas:
+    """The backend's NaViT image transform for every crop of a `size` x `size` image, batched on the device.
+
+    `sizes[h, w]` is the `(height, width)` that `navit_size` gives an `h x w` crop (computed once with the backend's
+    own function). [`patches`] resizes crops into a `vit_max_size` canvas and returns the patches with their
+    validity; the position ids of the canvas' patches are `row * side + col`, which is what `grid_position_ids` gives
+    the valid ones when the canvas side equals `vit_max_num_patch_per_side`.
+    """
+
+    def __init__(self, size: int, vit_max_size: int, vit_min_size: int, patch: int, device, max_pixels=None):
+        if vit_max_size % patch:
+            raise ValueError(f"vit_max_size {vit_max_size} must be a multiple of the patch size {patch}.")
+        self.canvas, self.patch, self.side = vit_max_size, patch, vit_max_size // patch
+        table = np.zeros((size + 1, size + 1, 2), dtype=np.int64)
+        for h in range(1, size + 1):
+            for w in range(1, size + 1):
+                new_w, new_h = navit_size(w, h, vit_max_size, vit_min_size, patch, max_pixels)
+                if max(new_w, new_h) > vit_max_size:
+                    raise ValueError(f"a {w}x{h} crop is resized to {new_w}x{new_h}, larger than the canvas.")
+                table[h, w] = (new_h, new_w)
+        self.sizes = torch.from_numpy(table).to(device)
+        self.position_ids = torch.arange(self.side * self.side, device=device)
+
+    def patches(self, images: torch.Tensor, boxes: torch.Tensor):
+        """`images` float `[B, 3, H, W]` in 0..255, `boxes` `[B, 4]` (x0, y0, x1, y1, end-exclusive) ->
+        (patches `[B, side*side, p*p*3]` in [-1, 1], valid `[B, side*side]` bool)."""
+        _, _, height, width = images.shape
+        x0, y0, x1, y1 = boxes.long().unbind(1)
+        w, h = x1 - x0, y1 - y0
+        new_h, new_w = self.sizes[h, w].unbind(1)
+        zero = torch.zeros_like(x0, dtype=torch.float32)
+        wx, _ = resize_weights(x0.float(), w.float(), new_w.float(), zero, self.canvas, width)
+        wy, _ = resize_weights(y0.float(), h.float(), new_h.float(), zero, self.canvas, height)
+        x = torch.einsum("bcyi,bxi->bcyx", images.float(), wx).clamp(0, 255).round()
+        x = torch.einsum("boy,bcyx->bcox", wy, x).clamp(0, 255).round()
+        x = x / 127.5 - 1.0
+        B, p, s = x.shape[0], self.patch, self.side
+        patches = x.reshape(B, 3, s, p, s, p).permute(0, 2, 4, 3, 5, 1).reshape(B, s * s, p * p * 3)
+        rows = torch.arange(s, device=x.device)
+        valid = (rows[None, :, None] < (new_h // p)[:, None, None]) & (rows[None, None, :] < (new_w // p)[:, None, None])
+        return patches, valid.reshape(B, s * s)
+
+
+def understanding_inputs(tables: FlowTextTables, rows: torch.Tensor, patches: torch.Tensor, vit_valid: torch.Tensor,
+                         position_ids: torch.Tensor) -> dict:
+    """Keyword arguments of `BagelModel.forward(task="understand")` for question rows `rows` about images given as
+    canvas patches; also `labels` (aligned with the ids) and `answer_index` (see [`FlowTextTables`])."""
+    B, n = vit_valid.shape
+    device = vit_valid.device
+    ids = tables.ids
+    text_ids, text_valid = tables.qa_ids[rows], tables.qa_valid[rows]
+    head = torch.tensor([ids.start_of_image] + [ids.pad] * n + [ids.end_of_image], device=device)
+    all_ids = torch.cat([head.expand(B, n + 2), text_ids], 1)
+    ones = torch.ones(B, 1, dtype=torch.bool, device=device)
+    valid = torch.cat([ones, vit_valid, ones, text_valid], 1)
+    text_positions = text_valid.long().cumsum(1)  # the image block is at 0, text from 1
+    positions = torch.cat([torch.zeros(B, n + 2, dtype=torch.long, device=device), text_positions], 1)
+    block_id = torch.cat([torch.zeros(B, n + 2, dtype=torch.long, device=device),
+                          torch.full_like(text_ids, -1)], 1)
+    slots = torch.cat([~ones, vit_valid, ~ones, torch.zeros_like(text_valid)], 1)
+    labels = torch.cat([torch.full((B, n + 2), -100, dtype=torch.long, device=device), tables.qa_labels[rows]], 1)
+    return {"ids": all_ids, "valid": valid, "positions": positions, "block_id": block_id, "vit_slots": slots,
+            "vit_patches": patches, "vit_position_ids": position_ids.expand(B, n), "vit_valid": vit_valid,
+            "labels": labels, "answer_index": n + 2 + tables.answer_pos[rows]}
+
+
+def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """Per row, the mean next-token cross-entropy over its labelled positions (`logits` `[B, L, V]`)."""
+    target = labels[:, 1:]
+    token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
+    mask = (target != -100).float()
+    return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
