@@ -203,6 +203,34 @@ def test_dense_mode_uses_the_judge_maps(tiny_janus, tmp_path):
                        processing_class=processor)
 
 
+class _TextJudgeBackend:
+    """A judge backend that answers text questions from a script (no language model)."""
+
+    token_grid = (4, 4)
+
+    def __init__(self, answers):
+        self.answers, self.model = list(answers), torch.nn.Linear(1, 1)
+
+    def answer(self, images, questions, max_new_tokens=64, temperature=0.0):
+        return [self.answers.pop(0) for _ in questions]
+
+
+def test_unparsed_text_judge_answers_are_masked_and_counted(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    judge = UMMJudgeRewardFunction(_TextJudgeBackend(["Score: 0.5", "Score: -0.5", "I cannot tell", "Score: 1.0"]),
+                                   mode="text", use_local=False, max_retries=0)
+    trainer = GRPOUMMTrainer(model, reward_funcs=[judge], args=_config(tmp_path), train_dataset=_dataset(),
+                             processing_class=processor)
+    trainer.model.train()
+    out = trainer._generate_and_score(_rows(), "train")
+    # group 1: rewards +-0.5, A = +-0.5 / (sqrt(0.5) + 1e-4); group 2: the unread answer is left out of the group's
+    # statistics (a 0.0 would have given it A = -0.707 and the other image +0.707): both get 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert out["advantages"].tolist() == pytest.approx([a, -a, 0.0, 0.0], abs=1e-6)
+    assert trainer._metrics["train"]["judge/unparsed"] == [1]
+    assert trainer._metrics["train"]["rewards/umm_judge/mean"][0] == pytest.approx((0.5 - 0.5 + 1.0) / 3)
+
+
 def test_full_run_logs_trl_metric_names(tiny_janus, tmp_path):
     model, processor = tiny_janus
     before = {k: v.clone() for k, v in model.state_dict().items()}

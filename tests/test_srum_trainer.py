@@ -1,7 +1,9 @@
 """SRUMTrainer end to end on the tiny Janus model: full fine-tune, LoRA, offline rollouts, loss, bad input."""
 
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import trl
@@ -9,6 +11,7 @@ from datasets import Dataset
 
 from srum_trl import SRUMConfig, SRUMTrainer, UMMJudgeRewardFunction
 from srum_trl.models import GenerationConfig, Rollout, load_backend
+from srum_trl.warn import SRUMTrlWarning
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red square"]
 
@@ -190,8 +193,10 @@ def test_plain_reward_functions_replace_the_global_score(tiny_janus, tmp_path):
                           train_dataset=_dataset(), processing_class=processor)
     rollout = trainer.backend.generate(["a red circle", "a blue square"], GenerationConfig(guidance=3.0), seed=0)
     maps, rewards = trainer._judge(rollout, "train")
-    assert rewards == [1.0, 0.0]  # NaN is masked to neutral
+    assert rewards[0] == 1.0 and math.isnan(rewards[1])  # no score is a missing score, not a neutral 0
     assert maps[0].token_map == pytest.approx(torch.full((4, 4), 0.5).numpy())  # uniform 0.5 * (1 + 1) / 2
+    assert np.isnan(maps[1].token_map).all()
+    assert trainer._metrics["train"]["rewards/oracle/missing_frac"] == [0.5]
 
     def broken(prompts, completions, **kwargs):
         return [float("inf")] * len(prompts)
@@ -202,6 +207,29 @@ def test_plain_reward_functions_replace_the_global_score(tiny_janus, tmp_path):
     trainer.reward_funcs = [lambda prompts, completions, **kw: [0.5]]
     with pytest.raises(ValueError, match="returned 1 values for 2 images"):
         trainer._judge(rollout, "train")
+
+
+def test_a_reward_function_without_any_score_is_visible_and_left_out_of_the_loss(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+
+    def nothing(prompts, completions, **kwargs):
+        return [None] * len(prompts)
+
+    trainer = SRUMTrainer(model, reward_funcs=[nothing], args=_config(tmp_path, max_steps=1),
+                          train_dataset=_dataset(), processing_class=processor)
+    trainer.model.train()
+    with pytest.warns(SRUMTrlWarning, match="'nothing' returned no score .* any of the 2 images"):
+        round_ = trainer._make_round([{"prompt": "a red circle"}, {"prompt": "a blue square"}], "train")
+    metrics = trainer._metrics["train"]
+    assert metrics["rewards/nothing/missing_frac"] == [1.0] and metrics["srum/unscored_frac"] == [1.0]
+    assert math.isnan(metrics["reward"][0])
+    loss = trainer.compute_loss(trainer.model, round_)
+    assert loss.item() == 0.0  # weight 0 for images without a verdict (a score of 0 would weigh them 0.25 + lambda)
+    # one scored, one not: the loss is the scored image's weighted mean over all tokens of the batch
+    weights = torch.stack([torch.full((16,), 0.5), torch.full((16,), float("nan"))])
+    per_token = trainer.backend.token_losses(round_["rollout"].prompts, round_["rollout"], "guided", 0.0).detach()
+    loss = trainer.compute_loss(trainer.model, {"rollout": round_["rollout"], "weights": weights})
+    assert loss.item() == pytest.approx(float((0.5 + 0.5) * per_token[0].sum() / per_token.numel()), rel=1e-5)
 
 
 def test_offline_rollout_dataset(tiny_janus, tmp_path):

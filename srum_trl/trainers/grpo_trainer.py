@@ -227,7 +227,12 @@ class GRPOUMMTrainer(UMMTrainerBase):
         seed = args.seed * 1_000_003 + self.state.global_step * 101 + self._step * 7 + args.process_index
         rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
         t1 = time.perf_counter()
+        judges = [f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
+        unparsed_before = sum(f.stats["unparsed"] for f in judges)
         local_rewards, token_maps = self._as_forward(self._score, rollout, batch)
+        if any(f.mode == "text" for f in judges):  # unread answers: NaN rewards, left out of the group statistics
+            unparsed = sum(f.stats["unparsed"] for f in judges) - unparsed_before
+            metrics["judge/unparsed"].append(sum(self._gather([unparsed])))
         metrics["timing/generate_s"].append(t1 - t0)
         metrics["timing/reward_s"].append(time.perf_counter() - t1)
         rewards_per_func = self.accelerator.gather(local_rewards.to(device)).float().cpu()

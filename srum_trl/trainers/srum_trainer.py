@@ -19,11 +19,12 @@ import time
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import Sampler
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, nanstd
 
 from ..data.rollouts import is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
 from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
+from ..warn import warn
 from .base import UMMTrainerBase, identity_collator, nanmean
 from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
 from .srum_config import SRUMConfig
@@ -177,10 +178,16 @@ class SRUMTrainer(UMMTrainerBase):
                 for v in values:
                     if not math.isnan(v) and not -1.0 <= v <= 1.0:
                         raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
-                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(self._gather(values)))
+                gathered = self._gather(values)
+                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(gathered))
+                missing = sum(math.isnan(v) for v in gathered)
+                metrics[f"rewards/{func_name(f)}/missing_frac"].append(missing / len(gathered))
+                if missing == len(gathered):
+                    warn(f"Reward function {func_name(f)!r} returned no score (None or NaN) for any of the "
+                         f"{len(gathered)} images of this round; images that no function scores get no global score "
+                         "and are left out of the loss (metric rewards/<name>/missing_frac).")
                 per_func.append(values)
-            global_scores = [nanmean(list(col)) for col in zip(*per_func)]
-            global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
+            global_scores = [nanmean(list(col)) for col in zip(*per_func)]  # NaN where no function scored
         unparsed_before = self.judge.stats["unparsed"]
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores, pixels=rollout.pixels)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
@@ -215,7 +222,9 @@ class SRUMTrainer(UMMTrainerBase):
             self._log_map_stats(metrics, maps)
         rewards = self._gather(rewards)
         metrics["reward"].append(nanmean(rewards))
-        metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
+        metrics["reward_std"].append(float(nanstd(torch.tensor(rewards))) if len(rewards) > 1 else 0.0)
+        # an image without a verdict (NaN map: no global score) gets weight 0 in `compute_loss`
+        metrics["srum/unscored_frac"].append(nanmean(self._gather(torch.isnan(weights).any(dim=1).float().tolist())))
         image_means = self._gather(weights.float().mean(dim=1).tolist())  # equal token counts per image
         metrics["srum/token_weight"].append(nanmean(image_means))
         if self.args.reward_baseline == "batch":
@@ -253,7 +262,8 @@ class SRUMTrainer(UMMTrainerBase):
             per_token = self._as_forward(
                 self.backend.token_losses, rollout.prompts, rollout, self.args.loss_guidance, dropout
             )
-        weight = weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight
+        # an image whose map is NaN (no verdict: unparsed answer, reward functions without a score) is left out
+        weight = torch.nan_to_num(weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight, nan=0.0)
         loss = (weight * per_token).mean()  # every process holds as many images: DDP / FSDP's mean is the global one
         mode = "train" if model.training else "eval"
         self._metrics[mode]["srum/token_loss"].append(nanmean(self._gather([float(per_token.detach().mean())])))
@@ -277,6 +287,6 @@ class SRUMTrainer(UMMTrainerBase):
         g = self._gather([m.global_score for m in maps if m.global_score is not None])
         local = self._gather([s for m in maps for s in m.local_scores])
         if g:
-            metrics["srum/global_score"].append(sum(g) / len(g))
+            metrics["srum/global_score"].append(nanmean(g))
         if local:
-            metrics["srum/local_score"].append(sum(local) / len(local))
+            metrics["srum/local_score"].append(nanmean(local))
