@@ -44,7 +44,9 @@ class JudgeArgs:
     region_proposer: str = field(default="grid", metadata={"help": "grid, sam or none."})
     region_grid: int = field(default=2, metadata={"help": "Cells per side of the grid proposer."})
     map_rule: str = field(default="srum", metadata={"help": "srum or signed."})
-    shard_size: int = field(default=64, metadata={"help": "Rows per stored shard (rollout)."})
+    shard_size: int = field(default=64, metadata={"help": "Prompts per stored shard (rollout)."})
+    num_generations: int = field(default=1, metadata={
+        "help": "Images per prompt (rollout), stored as one group: needed for training with reward_baseline=prompt."})
     pictures: int = field(default=0, metadata={"help": "Save this many reward-map pictures next to the output."})
 
 
@@ -55,6 +57,8 @@ class TrainScriptArgs:
     prompts: str = field(metadata={"help": "Prompt file, datasets folder, or rollout store (offline training)."})
     eval_prompts: str | None = field(default=None, metadata={"help": "Prompt file for evaluation."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    allow_partial_rollouts: bool = field(default=False, metadata={
+        "help": "Train on the complete shards of a rollout store whose run was stopped early (default: refuse)."})
 
 
 @dataclass
@@ -135,8 +139,10 @@ def cmd_rollout(argv):
 
     model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
     backend = _load(model_args)
+    source = {"model": model_args.model, "adapter": model_args.adapter, "dtype": model_args.dtype}
     dataset = build_rollouts(backend, load_prompts(gen.prompts), _judge(judge_args, backend), gen.out,
-                             _generation(gen), seed=gen.seed, shard_size=judge_args.shard_size)
+                             _generation(gen), seed=gen.seed, shard_size=judge_args.shard_size,
+                             num_generations=judge_args.num_generations, source=source)
     _save_pictures(dataset, range(min(judge_args.pictures, len(dataset))), os.path.join(gen.out, "pictures"))
     rewards = dataset["reward"]
     print(f"{len(dataset)} judged rollouts in {gen.out}; mean reward {sum(rewards) / len(rewards):+.4f}")
@@ -185,7 +191,7 @@ def run_training(trainer_cls, config_cls, argv, prog: str):
     if model_config.dtype not in (None, "auto"):
         init.setdefault("dtype", model_config.dtype)
     config.model_init_kwargs = init
-    train = load_prompt_dataset(script.prompts)
+    train = load_prompt_dataset(script.prompts, allow_partial_rollouts=script.allow_partial_rollouts)
     if script.max_prompts:
         train = train.select(range(min(script.max_prompts, len(train))))
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
@@ -235,7 +241,7 @@ def cmd_show(argv):
     from .data import load_rollouts
 
     (args,) = HfArgumentParser((ShowArgs,)).parse_args_into_dataclasses(argv)
-    dataset = load_rollouts(args.rollouts)
+    dataset = load_rollouts(args.rollouts, allow_partial=True)  # a store being made can be looked at
     if args.indices == "all":
         indices = range(len(dataset))
     else:

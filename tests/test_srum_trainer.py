@@ -233,17 +233,59 @@ def test_a_reward_function_without_any_score_is_visible_and_left_out_of_the_loss
 
 
 def test_offline_rollout_dataset(tiny_janus, tmp_path):
+    from datasets import concatenate_datasets
+
     from srum_trl.data import build_rollouts
 
     model, processor = tiny_janus
     backend = load_backend(model, processor=processor)
     store = build_rollouts(backend, PROMPTS, UMMJudgeRewardFunction(), str(tmp_path / "store"),
-                           GenerationConfig(guidance=3.0), seed=0, shard_size=2, progress=False)
+                           GenerationConfig(guidance=3.0), seed=0, shard_size=4, progress=False)
     trainer = SRUMTrainer(backend, args=_config(tmp_path, max_steps=2), train_dataset=store)
     generated = []
     trainer.backend.generate = lambda *a, **k: generated.append(1)
     trainer.train()
     assert not generated and trainer.state.global_step == 2
+    # every row's token grid is checked, not only the first: a foreign row in the middle is named before training
+    foreign = store.select([1]).map(lambda row: {"grid": [2, 8]})
+    mixed = concatenate_datasets([store.select([0, 1, 2]), foreign, store.select([3])])
+    with pytest.raises(ValueError, match=r"row 3 holds a rollout on a \(2, 8\) token grid"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=mixed)
+    short = store.map(lambda row, i: {"tokens": row["tokens"][:8] if i == 2 else row["tokens"]}, with_indices=True)
+    with pytest.raises(ValueError, match="row 2 holds 8 tokens"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=short)
+    # the store holds one image per prompt: the per-prompt baseline would zero every weight
+    with pytest.raises(ValueError, match="one image per prompt .*--num_generations"):
+        SRUMTrainer(backend, args=_config(tmp_path, reward_baseline="prompt", num_generations=2), train_dataset=store)
+
+
+def test_offline_prompt_baseline_draws_whole_groups(tiny_janus, tmp_path):
+    from srum_trl.data import build_rollouts
+
+    model, processor = tiny_janus
+    backend = load_backend(model, processor=processor)
+    store = build_rollouts(backend, PROMPTS, UMMJudgeRewardFunction(), str(tmp_path / "store"),
+                           GenerationConfig(guidance=3.0), seed=0, shard_size=4, progress=False, num_generations=2)
+    with pytest.raises(ValueError, match="2 image\\(s\\) per prompt but num_generations=1"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=store)
+    args = _config(tmp_path, reward_baseline="prompt", num_generations=2, constraint_weight=0.0,
+                   per_device_train_batch_size=2, steps_per_generation=2)
+    trainer = SRUMTrainer(backend, args=args, train_dataset=store)
+    order = list(trainer._get_train_sampler())
+    rounds = [order[i : i + 4] for i in range(0, len(order), 4)]
+    groups = store["group"]
+    for rows in rounds:  # each round: two whole groups (both images of a prompt), never a lone image
+        assert sorted(groups[r] for r in rows) in ([a, a, b, b] for a in range(4) for b in range(a + 1, 4))
+    assert sorted(set(order)) == list(range(8))  # every image is used
+    trainer.model.train()
+    weights = trainer._make_round([store[r] for r in rounds[0]], "train")["weights"]
+    means = weights.mean(dim=1)
+    # centred per prompt: within each group the two images' mean weights are +d and -d (not 0: they differ)
+    by_group = {}
+    for r, m in zip(rounds[0], means.tolist()):
+        by_group.setdefault(groups[r], []).append(m)
+    for pair in by_group.values():
+        assert sum(pair) == pytest.approx(0.0, abs=1e-6) and abs(pair[0]) > 1e-4
 
 
 @pytest.mark.parametrize(

@@ -37,12 +37,13 @@ def load_prompts(path: str) -> list[str]:
     return prompts
 
 
-def load_prompt_dataset(path: str) -> Dataset:
-    """A dataset with a "prompt" column from a prompt file, a `save_to_disk` folder or a rollout store."""
+def load_prompt_dataset(path: str, allow_partial_rollouts: bool = False) -> Dataset:
+    """A dataset with a "prompt" column from a prompt file, a `save_to_disk` folder or a rollout store (checked
+    by [`load_rollouts`]; a partial store is refused unless `allow_partial_rollouts`)."""
     if os.path.isdir(path):
-        if os.path.exists(os.path.join(path, "rollout_config.json")):
-            from .rollouts import load_rollouts
+        from .rollouts import MANIFEST, _shard_indices, load_rollouts
 
-            return load_rollouts(path)
+        if os.path.exists(os.path.join(path, MANIFEST)) or _shard_indices(path):
+            return load_rollouts(path, allow_partial=allow_partial_rollouts)
         return load_from_disk(path)
     return Dataset.from_dict({"prompt": load_prompts(path)})

@@ -21,7 +21,7 @@ from accelerate.utils import gather_object
 from torch.utils.data import Sampler
 from trl.trainer.utils import RepeatSampler, nanstd
 
-from ..data.rollouts import is_rollout_dataset, rows_to_rollout
+from ..data.rollouts import check_rollout_rows, is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
 from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
 from ..warn import warn
@@ -45,6 +45,38 @@ def prompt_baselines(prompts: list[str], image_means: list[float]) -> list[float
         groups.setdefault(prompt, []).append(value)
     means = {prompt: nanmean(values) for prompt, values in groups.items()}
     return [means[prompt] for prompt in prompts]
+
+
+def check_offline_groups(group_size: int, args: SRUMConfig) -> None:
+    """A rollout store's images per prompt against the config: rounds hold whole groups."""
+    if args.reward_baseline == "prompt" and group_size == 1:
+        raise ValueError(
+            "reward_baseline='prompt' compares the images of one prompt, but this rollout store holds one image per "
+            "prompt (every weight would average to 0): make the store with several images per prompt "
+            "(`srum-trl rollout --num_generations 8`, or build_rollouts(..., num_generations=8)) and set "
+            "num_generations to the same number."
+        )
+    if group_size != args.num_generations:
+        raise ValueError(
+            f"The rollout store holds {group_size} image(s) per prompt but num_generations={args.num_generations}: "
+            f"set num_generations={group_size}, so that each round holds whole groups."
+        )
+
+
+class GroupRowSampler(Sampler):
+    """Rows of whole prompt groups: `groups` is a sampler over group indices that repeats each index G times in a
+    row (TRL's `RepeatSampler` with `mini_repeat_count=G`); the j-th repeat becomes the group's j-th row."""
+
+    def __init__(self, groups: Sampler, rows: list[list[int]]):
+        self.groups, self.rows = groups, rows
+        self.size = len(rows[0])
+
+    def __iter__(self):
+        for i, g in enumerate(self.groups):
+            yield self.rows[g][i % self.size]
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
 
 class SRUMTrainer(UMMTrainerBase):
@@ -94,11 +126,10 @@ class SRUMTrainer(UMMTrainerBase):
         self.backend = resolve_backend(model, args, processing_class, peft_config)
         self.judge, self.reward_funcs = resolve_judge(reward_funcs, args, self.backend)
         self.offline = train_dataset is not None and is_rollout_dataset(train_dataset)
-        if self.offline and tuple(train_dataset[0]["grid"]) != tuple(self.backend.token_grid):
-            raise ValueError(
-                f"train_dataset holds rollouts on a {tuple(train_dataset[0]['grid'])} token grid but the model "
-                f"generates on {tuple(self.backend.token_grid)}: it was made with another model."
-            )
+        self._groups = None  # offline: the row indices of each prompt's images
+        if self.offline:
+            self._groups = check_rollout_rows(train_dataset, self.backend.token_grid)
+            check_offline_groups(len(self._groups[0]), args)
         if self.offline and "image" in train_dataset.column_names:
             train_dataset = train_dataset.remove_columns("image")  # training reads tokens and maps only
         self.generation = GenerationConfig(
@@ -118,13 +149,15 @@ class SRUMTrainer(UMMTrainerBase):
             optimizers=optimizers,
         )
         round_size = args.per_device_train_batch_size * args.steps_per_generation * self.accelerator.num_processes
-        if train_dataset is not None and len(train_dataset) < round_size // args.num_generations:
+        prompts = len(self._groups) if self.offline else len(train_dataset) if train_dataset is not None else None
+        if prompts is not None and prompts < round_size // args.num_generations:
             raise ValueError(
-                f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts needs "
+                f"train_dataset has {prompts} {'prompt groups' if self.offline else 'rows'}, fewer than one round of "
+                "rollouts needs "
                 f"({round_size} = per_device_train_batch_size x steps_per_generation x processes, over "
                 f"num_generations={args.num_generations}): lower those or add prompts."
             )
-        if args.reward_baseline == "prompt" and args.num_generations == 1 and not self.offline:
+        if args.reward_baseline == "prompt" and args.num_generations == 1:
             raise ValueError(
                 "reward_baseline='prompt' compares the images of one prompt, but num_generations=1 samples one image "
                 "per prompt (every weight would be 0): set num_generations >= 2."
@@ -151,17 +184,18 @@ class SRUMTrainer(UMMTrainerBase):
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
         # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes.
-        # Offline rollouts are rows already: they are never repeated.
-        repeats = 1 if self.offline else self.args.num_generations
+        # Offline rollouts are rows already: whole prompt groups are drawn, each row once.
+        repeats = self.args.num_generations
         round_size = self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes
-        return RepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
+        sampler = RepeatSampler(
+            data_source=self._groups if self.offline else dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=repeats,
             batch_size=round_size // repeats,
             repeat_count=self.args.steps_per_generation,
             shuffle=True,
             seed=self.args.seed,
         )
+        return GroupRowSampler(sampler, self._groups) if self.offline else sampler
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler:
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False)
