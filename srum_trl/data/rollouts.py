@@ -279,6 +279,7 @@ def build_rollouts(
                          f"{backend.token_kind} latents. Train it on rollouts made on the fly (a prompt dataset).")
     backend.check_prompts(prompts)
     judge.bind(backend)
+    judge.check_prompts(prompts)
     os.makedirs(out_dir, exist_ok=True)
     _check_or_write_manifest(out_dir, store_manifest(backend, prompts, judge, generation, seed, shard_size,
                                                      num_generations, source))

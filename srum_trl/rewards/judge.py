@@ -30,6 +30,7 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..data.images import check_image_size
 from ..models.base import PixelViews
 from ..warn import warn
 from .reward_map import RewardMap, Region, check_boxes
@@ -124,6 +125,8 @@ class UMMJudgeRewardFunction:
         max_retries: text mode, re-asks (with sampling) when no score can be parsed.
         max_new_tokens: text mode, answer length.
         downsample_mode: "bilinear" (the reference's) or "area" (exact cell means) map-to-token-grid downsampling.
+        max_image_pixels: images with more pixels are refused before anything is asked (default 4096 x 4096, or
+            `$SRUM_TRL_MAX_IMAGE_PIXELS`; see `srum_trl.data.images`).
     """
 
     def __init__(
@@ -143,6 +146,7 @@ class UMMJudgeRewardFunction:
         max_new_tokens: int = 64,
         downsample_mode: str = "bilinear",
         name: str = "umm_judge",
+        max_image_pixels: int | None = None,
     ):
         if mode not in ("logits", "text"):
             raise ValueError(f"mode must be 'logits' or 'text', got {mode!r}.")
@@ -168,6 +172,7 @@ class UMMJudgeRewardFunction:
         self.max_new_tokens = max_new_tokens
         self.downsample_mode = downsample_mode
         self.__name__ = name
+        self.max_image_pixels = max_image_pixels
         self.stats: Counter = Counter()
 
     def bind(self, backend) -> "UMMJudgeRewardFunction":
@@ -187,6 +192,37 @@ class UMMJudgeRewardFunction:
             out = q(prompt)
             return [out] if isinstance(out, str) else list(out)
         return [q.format(prompt=prompt, box=list(box))]
+
+    def check_prompts(self, prompts: list[str], field_name: str = "prompt") -> None:
+        """Before anything is judged: every question this judge would ask about `prompts` (the global one and the
+        local ones, with the largest box) fits, with its image and the answer, in the judging model's context. A
+        longer one would be cut or read past the model's positions and still be scored. Families that cannot
+        measure their understanding rows (`question_lengths` None) are not checked."""
+        backend = self.backend
+        limit = getattr(backend, "max_context_tokens", None)
+        if backend is None or limit is None:
+            return
+        side = getattr(backend, "image_size", 0)
+        owners: dict[str, int] = {}
+        for i, prompt in enumerate(prompts):
+            asked = [self._global_question(prompt)] if self.use_global else []
+            if self.use_local:
+                asked += self._local_questions(prompt, (0, 0, side, side))
+            for question in asked:
+                owners.setdefault(question, i)
+        questions = list(owners)
+        lengths = backend.question_lengths(questions) if questions else []
+        if lengths is None:
+            return
+        answer = self.max_new_tokens if self.mode == "text" else 1
+        for question, n in zip(questions, lengths):
+            if n + answer > limit:
+                i = owners[question]
+                raise ValueError(
+                    f"{field_name}[{i}] ({prompts[i]!r}) makes a judge question of {n} tokens with its image; with "
+                    f"{answer} answer token(s) that exceeds the judging model's context of {limit}, so the answer "
+                    "would not be a judgement of the whole prompt. Shorten the prompt (or the question template)."
+                )
 
     # ---------------------------------------------------------------------------------------------- scoring
     def _scores(self, images: list[Image.Image] | PixelViews, questions: list[str]) -> list[float]:
@@ -261,6 +297,7 @@ class UMMJudgeRewardFunction:
         rows, questions, owners = [], [], []  # owner: (image index, region index or -1)
         boxes_per_image, clamped, dropped = [], 0, 0
         for i, (image, prompt) in enumerate(zip(images, prompts)):
+            check_image_size(image, f"judge: image {i}", self.max_image_pixels)
             if on_device and image.size != (pixels.shape[2], pixels.shape[1]):
                 raise ValueError(f"judge: image {i} is {image.size[0]} x {image.size[1]} px but its pixels are "
                                  f"{pixels.shape[2]} x {pixels.shape[1]}; pass the rollout's own pixels.")

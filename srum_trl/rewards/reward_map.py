@@ -83,8 +83,8 @@ def check_boxes(boxes, width: int, height: int, where: str = "box") -> tuple[lis
 def warn_clamped(clamped: int, dropped: int, width: int, height: int, source: str) -> None:
     """One warning for the boxes of `source` that reached outside the image."""
     if clamped or dropped:
-        warn(f"{source}: {clamped + dropped} box(es) reached outside the {width}x{height} image; {clamped} were clamped "
-             f"to it and {dropped} (entirely outside) were dropped.", stacklevel=3)
+        warn(f"{source}: {clamped + dropped} box(es) reached outside the {width}x{height} image; {clamped} were "
+             f"clamped to it and {dropped} (entirely outside) were dropped.", stacklevel=3)
 
 
 def _check_score(value: float, where: str) -> float:

@@ -27,7 +27,7 @@ from ..data.rollouts import is_rollout_dataset
 from ..models import GenerationConfig
 from ..rewards import UMMJudgeRewardFunction
 from .base import UMMTrainerBase, identity_collator, nanmean
-from .common import check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
+from .common import check_prompts_fit, check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
 from .grpo_config import GRPOUMMConfig
 from .grpo_loss import (
     combine_rewards,
@@ -105,6 +105,9 @@ class GRPOUMMTrainer(UMMTrainerBase):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions.")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.judge = next((f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)), None)
+        judges = [f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
+        for dataset, label in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_prompts_fit(dataset, self.backend, judges, label)
         if args.mode == "grpo" and args.advantage_mode == "dense" and self.judge is None:
             raise ValueError("advantage_mode='dense' needs a UMMJudgeRewardFunction in reward_funcs (its reward maps).")
         self.ref_backend = self._resolve_reference(args)

@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
+from .config_checks import TRAINING_AT_LEAST_ONE, TRAINING_NON_NEGATIVE, check_ranges
+
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
 _REWARD_BASELINES = ("none", "batch", "prompt")
@@ -159,6 +161,8 @@ class SRUMConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_AT_LEAST_ONE + ("generation_batch_size", "top_k", "region_grid"),
+                     TRAINING_NON_NEGATIVE + ("save_reward_maps",))
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
             import torch

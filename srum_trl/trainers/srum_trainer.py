@@ -26,7 +26,7 @@ from ..models import GenerationConfig
 from ..rewards import RewardMap, UMMJudgeRewardFunction, render_reward_map
 from ..warn import warn
 from .base import UMMTrainerBase, identity_collator, nanmean
-from .common import check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
+from .common import check_prompts_fit, check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge
 from .srum_config import SRUMConfig
 
 _CITATION = """\
@@ -125,6 +125,8 @@ class SRUMTrainer(UMMTrainerBase):
         check_train_dataset(eval_dataset, "eval_dataset")
         self.backend = resolve_backend(model, args, processing_class, peft_config)
         self.judge, self.reward_funcs = resolve_judge(reward_funcs, args, self.backend)
+        for dataset, label in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_prompts_fit(dataset, self.backend, [self.judge], label)
         self.offline = train_dataset is not None and is_rollout_dataset(train_dataset)
         self._groups = None  # offline: the row indices of each prompt's images
         if self.offline:
