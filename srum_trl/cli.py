@@ -32,8 +32,25 @@ class GenerateArgs:
     out: str = field(metadata={"help": "Output folder."})
     seed: int = field(default=0, metadata={"help": "Sampling seed."})
     guidance_scale: float = field(default=5.0, metadata={"help": "Classifier-free guidance scale (1: none)."})
-    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature."})
+    temperature: float = field(default=1.0, metadata={"help": "Sampling temperature (> 0)."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward batch."})
+
+    def __post_init__(self):
+        if not self.guidance_scale > 0:
+            raise ValueError(f"--guidance_scale must be > 0 (1 disables guidance), got {self.guidance_scale}.")
+        if not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0 (the logits are divided by it; for near-greedy sampling use "
+                             f"a small value such as 0.05), got {self.temperature}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+
+
+@dataclass
+class ImageFolderArgs:
+    """What `generate` may do to an output folder."""
+
+    overwrite: bool = field(default=False, metadata={
+        "help": "Delete images in --out that were made with other prompts or settings (default: refuse)."})
 
 
 @dataclass
@@ -101,15 +118,24 @@ def _generation(gen: GenerateArgs):
 def cmd_generate(argv):
     """Write one PNG per prompt line, `{line:05d}.png`; already written files are kept (resume)."""
     # Batches are fixed by line number (lines k*B .. k*B+B-1 with seed + k), so a resumed or repeated run with the
-    # same --seed and --batch_size writes the same images as an uninterrupted one.
+    # same --seed and --batch_size writes the same images as an uninterrupted one. images.json beside them records
+    # the prompts, settings and model that made them: a run with other ones is refused (or, with --overwrite,
+    # replaces them), so a folder never mixes images of two prompt files or two models.
     from transformers import HfArgumentParser
 
+    from .data.manifest import check_image_folder, model_signature, prompts_fingerprint
     from .data.prompts import load_prompts
 
-    model_args, gen = HfArgumentParser((ModelArgs, GenerateArgs)).parse_args_into_dataclasses(argv)
+    model_args, gen, folder = HfArgumentParser((ModelArgs, GenerateArgs, ImageFolderArgs)).parse_args_into_dataclasses(
+        argv)
     prompts = load_prompts(gen.prompts)
+    manifest = {"num_prompts": len(prompts), "prompts_sha256": prompts_fingerprint(prompts), "seed": gen.seed,
+                "guidance": gen.guidance_scale, "temperature": gen.temperature, "batch_size": gen.batch_size}
+    check_image_folder(gen.out, manifest, folder.overwrite, write=False)  # before the model is loaded
     backend = _load(model_args)
-    os.makedirs(gen.out, exist_ok=True)
+    manifest.update(model=model_signature(backend), source={"prompts": gen.prompts, "model": model_args.model,
+                                                            "adapter": model_args.adapter, "dtype": model_args.dtype})
+    check_image_folder(gen.out, manifest, folder.overwrite)
     from tqdm.auto import tqdm
 
     def done(i):
@@ -157,8 +183,10 @@ def cmd_eval(argv):
     model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
     backend = _load(model_args)
     prompts = load_prompts(gen.prompts)
-    rollout = backend.generate(prompts, _generation(gen), seed=gen.seed, progress=True)
     judge = _judge(judge_args, backend)
+    backend.check_prompts(prompts)
+    judge.check_prompts(prompts)
+    rollout = backend.generate(prompts, _generation(gen), seed=gen.seed, progress=True)
     maps = judge.judge(rollout.images, prompts, rollout.grid)
     rewards = [judge.scalar(m) for m in maps]
     result = {
@@ -241,14 +269,19 @@ def cmd_show(argv):
     from .data import load_rollouts
 
     (args,) = HfArgumentParser((ShowArgs,)).parse_args_into_dataclasses(argv)
+    indices = None
+    if args.indices != "all":
+        try:
+            indices = [int(i) for i in args.indices.split(",")]
+        except ValueError:
+            raise SystemExit(f"--indices {args.indices!r}: give comma-separated row numbers such as 0,1,2, or "
+                             "'all'.") from None
     dataset = load_rollouts(args.rollouts, allow_partial=True)  # a store being made can be looked at
-    if args.indices == "all":
+    if indices is None:
         indices = range(len(dataset))
-    else:
-        indices = [int(i) for i in args.indices.split(",")]
-        bad = [i for i in indices if not 0 <= i < len(dataset)]
-        if bad:
-            raise SystemExit(f"--indices {bad} out of range: the store holds {len(dataset)} rows.")
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise SystemExit(f"--indices {bad} out of range: the store holds {len(dataset)} rows.")
     _save_pictures(dataset, indices, args.out)
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 
 import torch
 
@@ -99,3 +100,62 @@ def model_signature(backend) -> dict:
 def comparable(signature: dict) -> dict:
     """A signature without the fields kept for people only (paths)."""
     return {k: v for k, v in signature.items() if k not in ("model", "source")}
+
+
+# ------------------------------------------------------------------------------------------ folders of images
+#: The manifest `srum-trl generate` writes beside its `{line:05d}.png` images.
+IMAGES_MANIFEST = "images.json"
+_IMAGE_RE = re.compile(r"^\d{5}\.png$")
+
+
+def numbered_images(folder: str) -> list[str]:
+    """The `{line:05d}.png` files in `folder`."""
+    return sorted(n for n in os.listdir(folder) if _IMAGE_RE.match(n)) if os.path.isdir(folder) else []
+
+
+def check_image_folder(folder: str, manifest: dict, overwrite: bool = False, flag: str = "--overwrite",
+                       write: bool = True) -> None:
+    """Make sure `folder` holds only images made with `manifest`'s settings (so a repeated or resumed run adds to
+    them), then (with `write`) record `manifest` there.
+
+    Compared: every key of `manifest` except `source` (paths, kept for people), against the same keys of the stored
+    manifest, so a first check before the model is loaded (`write=False`) can leave the model out. Images of other
+    settings, or images without a manifest, are refused, naming `flag`; with `overwrite` they are deleted first.
+    """
+    path = os.path.join(folder, IMAGES_MANIFEST)
+    images = numbered_images(folder)
+    problem = None
+    if os.path.exists(path):
+        stored = read_manifest(path)
+        current = {k: v for k, v in manifest.items() if k != "source"}
+        diff = settings_diff({k: stored.get(k, "<absent>") for k in current}, current)
+        if diff:
+            problem = f"{folder} holds images made with other settings:\n  " + "\n  ".join(diff)
+    elif images:
+        problem = (f"{folder} holds {len(images)} numbered images but no {IMAGES_MANIFEST}: what made them is "
+                   "unknown")
+    if problem and not overwrite:
+        raise ValueError(f"{problem}\nWrite to a new folder, or pass {flag} to delete those images and make new ones.")
+    if problem:
+        for name in images:
+            os.remove(os.path.join(folder, name))
+        if os.path.exists(path):
+            os.remove(path)
+    if write and not os.path.exists(path):
+        os.makedirs(folder, exist_ok=True)
+        write_manifest(path, manifest)
+
+
+def check_images_match_prompts(folder: str, prompts: list[str], flag: str = "--unchecked") -> None:
+    """Raise unless `folder`'s manifest says its images were made from exactly `prompts` (in order)."""
+    path = os.path.join(folder, IMAGES_MANIFEST)
+    if not os.path.exists(path):
+        raise ValueError(f"{folder} has no {IMAGES_MANIFEST}, so nothing says its images were made from these prompts. "
+                         f"Make them with `srum-trl generate`, or pass {flag} to score them anyway.")
+    stored = read_manifest(path)
+    if stored.get("prompts_sha256") != prompts_fingerprint(prompts) or stored.get("num_prompts") != len(prompts):
+        made_from = (stored.get("source") or {}).get("prompts", "a file")
+        raise ValueError(f"The images in {folder} were made from another prompt list ({stored.get('num_prompts')} "
+                         f"prompts, {made_from!r}) than the {len(prompts)} given here: "
+                         f"scoring them would pair images with the wrong prompts. Pass the prompt file they were made "
+                         f"from, or make them again with `srum-trl generate --overwrite`.")
