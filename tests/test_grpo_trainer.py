@@ -112,10 +112,17 @@ def test_kl_epsilon_high_sequence_level_and_dense_advantages():
     assert out.loss.item() == pytest.approx((-2 * 1.2 + 0.0 + 1.1) / 3, abs=1e-6)
 
 
-def test_ratio_is_one_without_policy_change():
-    logp = torch.randn(3, 5)
-    out = grpo_loss(logp, logp.clone(), torch.tensor([1.0, -2.0, 0.5]))
-    assert torch.equal(out.ratio, torch.ones(3, 5)) and out.metrics["clip_ratio/region_mean"] == 0.0
+def test_gradient_flows_only_through_unclipped_tokens_by_hand():
+    # the same four tokens (ratios 1.5, 0.5 | 1.1, 0.7; A = 1, -1; epsilon 0.2), loss "bnpo" over all 4 tokens:
+    # d(-min(r A, clip(r) A)) / d logp = -A r where the unclipped term is the minimum, 0 where the clipped one is:
+    #   (1.5, A=1): clipped at 1.2 -> 0;  (0.5, A=1): unclipped -> -0.5;  (1.1, A=-1): unclipped -> +1.1;
+    #   (0.7, A=-1): clipped at 0.8 -> 0; each divided by the 4 tokens
+    logp = LOGP.clone().requires_grad_(True)
+    out = grpo_loss(logp, OLD, ADV, loss_type="bnpo")
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5], [1.1, 0.0]]) / 4)
+    assert out.ratio.flatten().tolist() == pytest.approx([1.5, 0.5, 1.1, 0.7])
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4)
 
 
 # ---------------------------------------------------------------------------------------------- advantages
