@@ -239,6 +239,14 @@ def run_reference(args) -> None:
     os.replace(args.reference + ".tmp", args.reference)  # whole, for the ranks waiting for it
 
 
+def load_reference(path: str) -> dict:
+    """The reference written by `run_reference`, loaded with `torch.load(weights_only=True)`: it holds only plain
+    containers, numbers, strings and tensors, and a reference file from elsewhere cannot run code when loaded."""
+    import torch
+
+    return torch.load(path, weights_only=True)
+
+
 def settings(args) -> dict:
     return {"model": args.model, "seed": args.seed, "cpu": args.cpu, "bf16": args.bf16, "srum": SRUM, "grpo": GRPO,
             "prompts": PROMPTS}
@@ -285,7 +293,7 @@ def ensure_reference(args, local_rank: int) -> dict:
         if os.path.exists(failed) or time.time() > deadline:
             raise SystemExit("the single-process reference failed or timed out")
         time.sleep(0.5)
-    ref = torch.load(args.reference, weights_only=False)
+    ref = load_reference(args.reference)
     if ref["settings"] != settings(args):
         raise SystemExit(f"{args.reference} was made with other settings: {ref['settings']} (delete it)")
     missing = [t for t in args.trainers if t not in ref["trainers"]]

@@ -12,9 +12,10 @@
 
 `--prompts` is a JSON list or JSONL of {"prompt": ..., "category": ...} records (or a text file, one prompt per line,
 or a `datasets` folder with a "prompt" column). Every SRUMConfig field and TRL's ModelConfig (LoRA) flags are
-accepted; the defaults below follow the SRUM paper's BAGEL scripts (lr 2e-5, AdamW betas (0.9, 0.95), weight decay 0,
-constant schedule, lambda 0.5, the conditional flow loss with 10% prompt dropout) and BAGEL's sampler (text CFG 4.0,
-50 steps, shift 3, CFG interval (0.4, 1.0], global renormalisation).
+accepted. The defaults below are the SRUM reference's BAGEL training settings (`PAPER_SETTINGS`: AdamW lr 2e-5, betas
+(0.9, 0.95), eps 1e-15, weight decay 0, a constant schedule after 100 warmup steps, gradient clipping 1.0, lambda 0.5,
+the conditional flow loss with 10% prompt dropout, no reward baseline) and BAGEL's sampler (text CFG 4.0, 50 steps,
+shift 3, CFG interval (0.4, 1.0], global renormalisation).
 """
 
 from __future__ import annotations
@@ -24,9 +25,25 @@ from dataclasses import dataclass, field
 
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The SRUM reference's training settings (train/pretrain_unified_navit.py and its scripts/train_reg_*.sh launchers).
+PAPER_SETTINGS = dict(
+    learning_rate=2e-5,  # --lr 2e-5
+    adam_beta1=0.9,
+    adam_beta2=0.95,
+    adam_epsilon=1e-15,
+    weight_decay=0.0,
+    lr_scheduler_type="constant_with_warmup",  # lr_scheduler "constant" after warmup_steps 100
+    warmup_steps=100,
+    max_grad_norm=1.0,
+    constraint_weight=0.5,  # --lambda_constraint 0.5
+    reward_baseline="none",
+    loss_guidance="conditional",  # the conditional flow loss ...
+    text_dropout=0.1,  # ... with text_cond_dropout_prob 0.1
+)
+
 BAGEL_DEFAULTS = dict(
+    **PAPER_SETTINGS,
     guidance_scale=4.0,  # BAGEL's text CFG
-    loss_guidance="conditional",  # the paper's loss (text_dropout then defaults to 0.1)
     per_device_train_batch_size=1,
     gradient_checkpointing=True,
     dtype="bfloat16",  # the checkpoint's dtype
@@ -58,23 +75,34 @@ class BagelScriptArguments:
     vit_min_size: int = field(default=224, metadata={"help": "Shortest side of images shown to the judge."})
 
 
+def parse_args(argv=None, config_cls=None, defaults=None, prog="train_bagel.py"):
+    """`(script arguments, config, ModelConfig)` from the command line. `config_cls` / `defaults`: `SRUMConfig` and
+    `BAGEL_DEFAULTS` unless given (`grpo_bagel.py` passes GRPO's)."""
+    from trl import ModelConfig, TrlParser
+
+    from srum_trl import SRUMConfig
+
+    parser = TrlParser((BagelScriptArguments, config_cls or SRUMConfig, ModelConfig), prog=prog)
+    parser.set_defaults(**(BAGEL_DEFAULTS if defaults is None else defaults))
+    script, config, model_config = parser.parse_args_and_config(argv)
+    if model_config.model_name_or_path is None:
+        parser.error("--model_name_or_path (a BAGEL-7B-MoT folder) is required")
+    return script, config, model_config
+
+
 def main(argv=None, trainer_cls=None, config_cls=None, defaults=None, prog="train_bagel.py"):
     """Parse, load BAGEL, train, save. `trainer_cls` / `config_cls` / `defaults`: SRUM's unless given (the same
     script body runs `grpo_bagel.py`)."""
     import torch
     from accelerate import PartialState
-    from trl import ModelConfig, TrlParser, get_peft_config
+    from trl import get_peft_config
 
-    from srum_trl import SRUMConfig, SRUMTrainer
+    from srum_trl import SRUMTrainer
     from srum_trl.data.prompts import load_prompt_dataset
     from srum_trl.models.bagel import load_bagel, lora_targets, set_trainable
 
-    trainer_cls, config_cls = trainer_cls or SRUMTrainer, config_cls or SRUMConfig
-    parser = TrlParser((BagelScriptArguments, config_cls, ModelConfig), prog=prog)
-    parser.set_defaults(**(BAGEL_DEFAULTS if defaults is None else defaults))
-    script, config, model_config = parser.parse_args_and_config(argv)
-    if model_config.model_name_or_path is None:
-        parser.error("--model_name_or_path (a BAGEL-7B-MoT folder) is required")
+    script, config, model_config = parse_args(argv, config_cls, defaults, prog)
+    trainer_cls = trainer_cls or SRUMTrainer
 
     state = PartialState()
     device = state.device if torch.cuda.is_available() else "cpu"

@@ -37,6 +37,23 @@ class GenerateArgs:
         "help": "Sampling temperature; default: the model folder's generation config, else 1."})
     batch_size: int = field(default=16, metadata={"help": "Images per forward batch."})
 
+    def __post_init__(self):
+        if self.guidance_scale is not None and not self.guidance_scale > 0:
+            raise ValueError(f"--guidance_scale must be > 0 (1 disables guidance), got {self.guidance_scale}.")
+        if self.temperature is not None and not self.temperature > 0:
+            raise ValueError(f"--temperature must be > 0 (the logits are divided by it; for near-greedy sampling use "
+                             f"a small value such as 0.05), got {self.temperature}.")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be >= 1, got {self.batch_size}.")
+
+
+@dataclass
+class ImageFolderArgs:
+    """What `generate` may do to an output folder."""
+
+    overwrite: bool = field(default=False, metadata={
+        "help": "Delete images in --out that were made with other prompts or settings (default: refuse)."})
+
 
 @dataclass
 class JudgeArgs:
@@ -46,7 +63,9 @@ class JudgeArgs:
     region_proposer: str = field(default="grid", metadata={"help": "grid, sam or none."})
     region_grid: int = field(default=2, metadata={"help": "Cells per side of the grid proposer."})
     map_rule: str = field(default="srum", metadata={"help": "srum or signed."})
-    shard_size: int = field(default=64, metadata={"help": "Rows per stored shard (rollout)."})
+    shard_size: int = field(default=64, metadata={"help": "Prompts per stored shard (rollout)."})
+    num_generations: int = field(default=1, metadata={
+        "help": "Images per prompt (rollout), stored as one group: needed for training with reward_baseline=prompt."})
     pictures: int = field(default=0, metadata={"help": "Save this many reward-map pictures next to the output."})
 
 
@@ -57,6 +76,8 @@ class TrainScriptArgs:
     prompts: str = field(metadata={"help": "Prompt file, datasets folder, or rollout store (offline training)."})
     eval_prompts: str | None = field(default=None, metadata={"help": "Prompt file for evaluation."})
     max_prompts: int | None = field(default=None, metadata={"help": "Use only the first N prompts."})
+    allow_partial_rollouts: bool = field(default=False, metadata={
+        "help": "Train on the complete shards of a rollout store whose run was stopped early (default: refuse)."})
 
 
 @dataclass
@@ -103,15 +124,24 @@ def _generation(gen: GenerateArgs, backend):
 def cmd_generate(argv):
     """Write one PNG per prompt line, `{line:05d}.png`; already written files are kept (resume)."""
     # Batches are fixed by line number (lines k*B .. k*B+B-1 with seed + k), so a resumed or repeated run with the
-    # same --seed and --batch_size writes the same images as an uninterrupted one.
+    # same --seed and --batch_size writes the same images as an uninterrupted one. images.json beside them records
+    # the prompts, settings and model that made them: a run with other ones is refused (or, with --overwrite,
+    # replaces them), so a folder never mixes images of two prompt files or two models.
     from transformers import HfArgumentParser
 
+    from .data.manifest import check_image_folder, model_signature, prompts_fingerprint
     from .data.prompts import load_prompts
 
-    model_args, gen = HfArgumentParser((ModelArgs, GenerateArgs)).parse_args_into_dataclasses(argv)
+    model_args, gen, folder = HfArgumentParser((ModelArgs, GenerateArgs, ImageFolderArgs)).parse_args_into_dataclasses(
+        argv)
     prompts = load_prompts(gen.prompts)
+    manifest = {"num_prompts": len(prompts), "prompts_sha256": prompts_fingerprint(prompts), "seed": gen.seed,
+                "guidance": gen.guidance_scale, "temperature": gen.temperature, "batch_size": gen.batch_size}
+    check_image_folder(gen.out, manifest, folder.overwrite, write=False)  # before the model is loaded
     backend = _load(model_args)
-    os.makedirs(gen.out, exist_ok=True)
+    manifest.update(model=model_signature(backend), source={"prompts": gen.prompts, "model": model_args.model,
+                                                            "adapter": model_args.adapter, "dtype": model_args.dtype})
+    check_image_folder(gen.out, manifest, folder.overwrite)
     from tqdm.auto import tqdm
 
     def done(i):
@@ -141,8 +171,10 @@ def cmd_rollout(argv):
 
     model_args, gen, judge_args = HfArgumentParser((ModelArgs, GenerateArgs, JudgeArgs)).parse_args_into_dataclasses(argv)
     backend = _load(model_args)
+    source = {"model": model_args.model, "adapter": model_args.adapter, "dtype": model_args.dtype}
     dataset = build_rollouts(backend, load_prompts(gen.prompts), _judge(judge_args, backend), gen.out,
-                             _generation(gen, backend), seed=gen.seed, shard_size=judge_args.shard_size)
+                             _generation(gen, backend), seed=gen.seed, shard_size=judge_args.shard_size,
+                             num_generations=judge_args.num_generations, source=source)
     _save_pictures(dataset, range(min(judge_args.pictures, len(dataset))), os.path.join(gen.out, "pictures"))
     rewards = dataset["reward"]
     print(f"{len(dataset)} judged rollouts in {gen.out}; mean reward {sum(rewards) / len(rewards):+.4f}")
@@ -221,7 +253,7 @@ def run_training(trainer_cls, config_cls, argv, prog: str):
     if model_config.dtype not in (None, "auto"):
         init.setdefault("dtype", model_config.dtype)
     config.model_init_kwargs = init
-    train = load_prompt_dataset(script.prompts)
+    train = load_prompt_dataset(script.prompts, allow_partial_rollouts=script.allow_partial_rollouts)
     if script.max_prompts:
         train = train.select(range(min(script.max_prompts, len(train))))
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
@@ -271,14 +303,19 @@ def cmd_show(argv):
     from .data import load_rollouts
 
     (args,) = HfArgumentParser((ShowArgs,)).parse_args_into_dataclasses(argv)
-    dataset = load_rollouts(args.rollouts)
-    if args.indices == "all":
+    indices = None
+    if args.indices != "all":
+        try:
+            indices = [int(i) for i in args.indices.split(",")]
+        except ValueError:
+            raise SystemExit(f"--indices {args.indices!r}: give comma-separated row numbers such as 0,1,2, or "
+                             "'all'.") from None
+    dataset = load_rollouts(args.rollouts, allow_partial=True)  # a store being made can be looked at
+    if indices is None:
         indices = range(len(dataset))
-    else:
-        indices = [int(i) for i in args.indices.split(",")]
-        bad = [i for i in indices if not 0 <= i < len(dataset)]
-        if bad:
-            raise SystemExit(f"--indices {bad} out of range: the store holds {len(dataset)} rows.")
+    bad = [i for i in indices if not 0 <= i < len(dataset)]
+    if bad:
+        raise SystemExit(f"--indices {bad} out of range: the store holds {len(dataset)} rows.")
     _save_pictures(dataset, indices, args.out)
 
 

@@ -284,8 +284,22 @@ def test_token_losses_flow_matching(bagel):
     ids, valid = bagel._left_pad([bagel._prompt_ids(p) for p in PROMPTS[:2]])
     v = bagel.core(task="context_velocity", ids=ids, valid=valid, x_t=x_t, t=t, grid=(4, 4), markers=bagel._markers())
     torch.testing.assert_close(cond, (v - (eps - x0)).pow(2).mean(-1), atol=1e-5, rtol=1e-5)
+    # "guided", by hand: the CFG velocity u + w (c - u) renormalised per image to the conditional norm (never up),
+    # used where t lies in the CFG interval, the conditional velocity elsewhere (an interval splitting the two t)
+    low = float(t.min() + t.max()) / 2
+    bagel.cfg_interval = (low, 1.0)
+    torch.manual_seed(3)
     guided = bagel.token_losses(PROMPTS[:2], rollout, "guided")
-    assert guided.shape == (2, 16) and torch.isfinite(guided).all()
+    empty, empty_valid = bagel._left_pad([[], []])
+    v_u = bagel.core(task="context_velocity", ids=empty, valid=empty_valid, x_t=x_t, t=t, grid=(4, 4),
+                     markers=bagel._markers())
+    raw = v_u + rollout.guidance * (v - v_u)
+    scale = (v.flatten(1).norm(dim=1) / raw.flatten(1).norm(dim=1)).clamp(max=1.0)
+    inside = t > low
+    by_hand = torch.where(inside[:, None, None], raw * scale[:, None, None], v)
+    assert inside.tolist() in ([True, False], [False, True]) and rollout.guidance == 4.0
+    torch.testing.assert_close(guided, (by_hand - (eps - x0)).pow(2).mean(-1), atol=1e-5, rtol=1e-5)
+    assert not torch.allclose(guided, cond)  # the guided image's loss is not the conditional one
     # the weighted SRUM loss backpropagates into both experts (the prompt is encoded by the understanding one)
     weights = torch.rand(2, 16)
     ((weights + 0.5) * bagel.token_losses(PROMPTS[:2], rollout, "conditional", text_dropout=0.0)).mean().backward()

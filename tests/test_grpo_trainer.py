@@ -112,10 +112,17 @@ def test_kl_epsilon_high_sequence_level_and_dense_advantages():
     assert out.loss.item() == pytest.approx((-2 * 1.2 + 0.0 + 1.1) / 3, abs=1e-6)
 
 
-def test_ratio_is_one_without_policy_change():
-    logp = torch.randn(3, 5)
-    out = grpo_loss(logp, logp.clone(), torch.tensor([1.0, -2.0, 0.5]))
-    assert torch.equal(out.ratio, torch.ones(3, 5)) and out.metrics["clip_ratio/region_mean"] == 0.0
+def test_gradient_flows_only_through_unclipped_tokens_by_hand():
+    # the same four tokens (ratios 1.5, 0.5 | 1.1, 0.7; A = 1, -1; epsilon 0.2), loss "bnpo" over all 4 tokens:
+    # d(-min(r A, clip(r) A)) / d logp = -A r where the unclipped term is the minimum, 0 where the clipped one is:
+    #   (1.5, A=1): clipped at 1.2 -> 0;  (0.5, A=1): unclipped -> -0.5;  (1.1, A=-1): unclipped -> +1.1;
+    #   (0.7, A=-1): clipped at 0.8 -> 0; each divided by the 4 tokens
+    logp = LOGP.clone().requires_grad_(True)
+    out = grpo_loss(logp, OLD, ADV, loss_type="bnpo")
+    out.loss.backward()
+    torch.testing.assert_close(logp.grad, torch.tensor([[0.0, -0.5], [1.1, 0.0]]) / 4)
+    assert out.ratio.flatten().tolist() == pytest.approx([1.5, 0.5, 1.1, 0.7])
+    assert out.loss.item() == pytest.approx((-1.2 - 0.5 + 1.1 + 0.8) / 4)
 
 
 # ---------------------------------------------------------------------------------------------- advantages
@@ -201,6 +208,34 @@ def test_dense_mode_uses_the_judge_maps(tiny_janus, tmp_path):
         GRPOUMMTrainer(model, reward_funcs=[lambda prompts, completions, **kw: [0.0] * len(prompts)],
                        args=_config(tmp_path, advantage_mode="dense"), train_dataset=_dataset(),
                        processing_class=processor)
+
+
+class _TextJudgeBackend:
+    """A judge backend that answers text questions from a script (no language model)."""
+
+    token_grid = (4, 4)
+
+    def __init__(self, answers):
+        self.answers, self.model = list(answers), torch.nn.Linear(1, 1)
+
+    def answer(self, images, questions, max_new_tokens=64, temperature=0.0):
+        return [self.answers.pop(0) for _ in questions]
+
+
+def test_unparsed_text_judge_answers_are_masked_and_counted(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+    judge = UMMJudgeRewardFunction(_TextJudgeBackend(["Score: 0.5", "Score: -0.5", "I cannot tell", "Score: 1.0"]),
+                                   mode="text", use_local=False, max_retries=0)
+    trainer = GRPOUMMTrainer(model, reward_funcs=[judge], args=_config(tmp_path), train_dataset=_dataset(),
+                             processing_class=processor)
+    trainer.model.train()
+    out = trainer._generate_and_score(_rows(), "train")
+    # group 1: rewards +-0.5, A = +-0.5 / (sqrt(0.5) + 1e-4); group 2: the unread answer is left out of the group's
+    # statistics (a 0.0 would have given it A = -0.707 and the other image +0.707): both get 0
+    a = 0.5 / (math.sqrt(0.5) + 1e-4)
+    assert out["advantages"].tolist() == pytest.approx([a, -a, 0.0, 0.0], abs=1e-6)
+    assert trainer._metrics["train"]["judge/unparsed"] == [1]
+    assert trainer._metrics["train"]["rewards/umm_judge/mean"][0] == pytest.approx((0.5 - 0.5 + 1.0) / 3)
 
 
 def test_full_run_logs_trl_metric_names(tiny_janus, tmp_path):

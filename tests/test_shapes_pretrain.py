@@ -33,26 +33,37 @@ def pretrained(tmp_path_factory):
     return out, metrics
 
 
-def test_metrics_file(pretrained):
+def test_metrics_are_those_of_the_saved_model(pretrained):
+    """The reported generation accuracy and judge agreement are recomputed here, independently, from the saved
+    checkpoint: the same held-out prompts, seeds and guidance scales, scored image by image with the exact scorer."""
+    from srum_trl.shapes.scorer import score
+    from srum_trl.shapes.world import sample_prompts
+
     out, returned = pretrained
     metrics = json.loads((out / "metrics.json").read_text())
-    assert metrics["generation_accuracy"] == returned["generation_accuracy"]
-    for key in ("vq_recon_accuracy", "understanding_accuracy", "generation_accuracy", "judge_agreement_accuracy",
-                "vq_codebook_usage", "vq_recon_accuracy_after_stage"):
-        assert 0.0 <= metrics[key] <= 1.0, key
-    auc = metrics["judge_agreement_auc"]
-    assert auc is None or 0.0 <= auc <= 1.0
-    assert set(metrics["generation"]) == {"1.0", "3.0"}
-    for per_category in metrics["generation"].values():
-        assert "overall" in per_category
-        assert all(0.0 <= v <= 1.0 for v in per_category.values())
-    assert metrics["best_guidance"] in (1.0, 3.0)
-    for key in ("global_clean", "local_clean", "global_vq", "local_vq"):
-        assert 0.0 <= metrics["understanding"][key] <= 1.0, key
-    assert metrics["num_parameters"] > 0
-    assert {"setup", "vq", "lm", "save", "eval", "total"} <= set(metrics["seconds"])
-    assert metrics["steps"]["vq"] >= 1 and metrics["steps"]["lm"] >= 1
-    assert metrics["config"]["scale"] == "tiny"
+    assert metrics == json.loads(json.dumps(returned))  # the file holds what main() returned
+    config, seed = metrics["config"], metrics["seed"]
+    backend = load_backend(str(out / "model"), dtype=torch.float32)
+    backend.understanding_batch_size = config["eval_batch"]  # the same batches as the run's evaluation
+    prompts = sample_prompts(config["eval_gen_prompts"], "heldout", seed=seed + 1)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(config["cpu_threads"] or threads)  # the same float sums as the run's evaluation
+    try:
+        for guidance in config["eval_guidances"]:
+            rollout = backend.generate(prompts, GenerationConfig(guidance=guidance, batch_size=config["eval_batch"]),
+                                       seed=seed + 2)
+            correct = [score(np.asarray(image), p).correct for image, p in zip(rollout.images, prompts)]
+            reported = metrics["generation"][str(float(guidance))]
+            assert reported["overall"] == pytest.approx(sum(correct) / len(correct))
+            p_yes = backend.yes_probability(rollout.images, [global_question(p) for p in prompts]).numpy()
+            agreement = float(np.mean((p_yes > 0.5) == np.asarray(correct)))
+            judged = metrics["judge_agreement"]["per_guidance"][str(float(guidance))]["accuracy"]
+            assert judged == pytest.approx(agreement)
+    finally:
+        torch.set_num_threads(threads)
+    best = max(config["eval_guidances"], key=lambda g: metrics["generation"][str(float(g))]["overall"])
+    assert metrics["best_guidance"] == best
+    assert metrics["generation_accuracy"] == metrics["generation"][str(float(best))]["overall"]
 
 
 def test_saved_model_loads_and_generates(pretrained):

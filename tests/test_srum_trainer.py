@@ -1,7 +1,9 @@
 """SRUMTrainer end to end on the tiny Janus model: full fine-tune, LoRA, offline rollouts, loss, bad input."""
 
+import math
 import os
 
+import numpy as np
 import pytest
 import torch
 import trl
@@ -9,6 +11,7 @@ from datasets import Dataset
 
 from srum_trl import SRUMConfig, SRUMTrainer, UMMJudgeRewardFunction
 from srum_trl.models import GenerationConfig, Rollout, load_backend
+from srum_trl.warn import SRUMTrlWarning
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red square"]
 
@@ -190,8 +193,10 @@ def test_plain_reward_functions_replace_the_global_score(tiny_janus, tmp_path):
                           train_dataset=_dataset(), processing_class=processor)
     rollout = trainer.backend.generate(["a red circle", "a blue square"], GenerationConfig(guidance=3.0), seed=0)
     maps, rewards = trainer._judge(rollout, "train")
-    assert rewards == [1.0, 0.0]  # NaN is masked to neutral
+    assert rewards[0] == 1.0 and math.isnan(rewards[1])  # no score is a missing score, not a neutral 0
     assert maps[0].token_map == pytest.approx(torch.full((4, 4), 0.5).numpy())  # uniform 0.5 * (1 + 1) / 2
+    assert np.isnan(maps[1].token_map).all()
+    assert trainer._metrics["train"]["rewards/oracle/missing_frac"] == [0.5]
 
     def broken(prompts, completions, **kwargs):
         return [float("inf")] * len(prompts)
@@ -204,18 +209,83 @@ def test_plain_reward_functions_replace_the_global_score(tiny_janus, tmp_path):
         trainer._judge(rollout, "train")
 
 
+def test_a_reward_function_without_any_score_is_visible_and_left_out_of_the_loss(tiny_janus, tmp_path):
+    model, processor = tiny_janus
+
+    def nothing(prompts, completions, **kwargs):
+        return [None] * len(prompts)
+
+    trainer = SRUMTrainer(model, reward_funcs=[nothing], args=_config(tmp_path, max_steps=1),
+                          train_dataset=_dataset(), processing_class=processor)
+    trainer.model.train()
+    with pytest.warns(SRUMTrlWarning, match="'nothing' returned no score .* any of the 2 images"):
+        round_ = trainer._make_round([{"prompt": "a red circle"}, {"prompt": "a blue square"}], "train")
+    metrics = trainer._metrics["train"]
+    assert metrics["rewards/nothing/missing_frac"] == [1.0] and metrics["srum/unscored_frac"] == [1.0]
+    assert math.isnan(metrics["reward"][0])
+    loss = trainer.compute_loss(trainer.model, round_)
+    assert loss.item() == 0.0  # weight 0 for images without a verdict (a score of 0 would weigh them 0.25 + lambda)
+    # one scored, one not: the loss is the scored image's weighted mean over all tokens of the batch
+    weights = torch.stack([torch.full((16,), 0.5), torch.full((16,), float("nan"))])
+    per_token = trainer.backend.token_losses(round_["rollout"].prompts, round_["rollout"], "guided", 0.0).detach()
+    loss = trainer.compute_loss(trainer.model, {"rollout": round_["rollout"], "weights": weights})
+    assert loss.item() == pytest.approx(float((0.5 + 0.5) * per_token[0].sum() / per_token.numel()), rel=1e-5)
+
+
 def test_offline_rollout_dataset(tiny_janus, tmp_path):
+    from datasets import concatenate_datasets
+
     from srum_trl.data import build_rollouts
 
     model, processor = tiny_janus
     backend = load_backend(model, processor=processor)
     store = build_rollouts(backend, PROMPTS, UMMJudgeRewardFunction(), str(tmp_path / "store"),
-                           GenerationConfig(guidance=3.0), seed=0, shard_size=2, progress=False)
+                           GenerationConfig(guidance=3.0), seed=0, shard_size=4, progress=False)
     trainer = SRUMTrainer(backend, args=_config(tmp_path, max_steps=2), train_dataset=store)
     generated = []
     trainer.backend.generate = lambda *a, **k: generated.append(1)
     trainer.train()
     assert not generated and trainer.state.global_step == 2
+    # every row's token grid is checked, not only the first: a foreign row in the middle is named before training
+    foreign = store.select([1]).map(lambda row: {"grid": [2, 8]})
+    mixed = concatenate_datasets([store.select([0, 1, 2]), foreign, store.select([3])])
+    with pytest.raises(ValueError, match=r"row 3 holds a rollout on a \(2, 8\) token grid"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=mixed)
+    short = store.map(lambda row, i: {"tokens": row["tokens"][:8] if i == 2 else row["tokens"]}, with_indices=True)
+    with pytest.raises(ValueError, match="row 2 holds 8 tokens"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=short)
+    # the store holds one image per prompt: the per-prompt baseline would zero every weight
+    with pytest.raises(ValueError, match="one image per prompt .*--num_generations"):
+        SRUMTrainer(backend, args=_config(tmp_path, reward_baseline="prompt", num_generations=2), train_dataset=store)
+
+
+def test_offline_prompt_baseline_draws_whole_groups(tiny_janus, tmp_path):
+    from srum_trl.data import build_rollouts
+
+    model, processor = tiny_janus
+    backend = load_backend(model, processor=processor)
+    store = build_rollouts(backend, PROMPTS, UMMJudgeRewardFunction(), str(tmp_path / "store"),
+                           GenerationConfig(guidance=3.0), seed=0, shard_size=4, progress=False, num_generations=2)
+    with pytest.raises(ValueError, match="2 image\\(s\\) per prompt but num_generations=1"):
+        SRUMTrainer(backend, args=_config(tmp_path), train_dataset=store)
+    args = _config(tmp_path, reward_baseline="prompt", num_generations=2, constraint_weight=0.0,
+                   per_device_train_batch_size=2, steps_per_generation=2)
+    trainer = SRUMTrainer(backend, args=args, train_dataset=store)
+    order = list(trainer._get_train_sampler())
+    rounds = [order[i : i + 4] for i in range(0, len(order), 4)]
+    groups = store["group"]
+    for rows in rounds:  # each round: two whole groups (both images of a prompt), never a lone image
+        assert sorted(groups[r] for r in rows) in ([a, a, b, b] for a in range(4) for b in range(a + 1, 4))
+    assert sorted(set(order)) == list(range(8))  # every image is used
+    trainer.model.train()
+    weights = trainer._make_round([store[r] for r in rounds[0]], "train")["weights"]
+    means = weights.mean(dim=1)
+    # centred per prompt: within each group the two images' mean weights are +d and -d (not 0: they differ)
+    by_group = {}
+    for r, m in zip(rounds[0], means.tolist()):
+        by_group.setdefault(groups[r], []).append(m)
+    for pair in by_group.values():
+        assert sum(pair) == pytest.approx(0.0, abs=1e-6) and abs(pair[0]) > 1e-4
 
 
 @pytest.mark.parametrize(
@@ -239,9 +309,8 @@ def test_dataset_smaller_than_a_round(tiny_janus, tmp_path):
 def test_too_long_prompt_fails_before_training(tiny_janus, tmp_path):
     model, processor = tiny_janus
     ds = Dataset.from_dict({"prompt": [" ".join(["red"] * 300)] * 2})
-    trainer = SRUMTrainer(model, args=_config(tmp_path), train_dataset=ds, processing_class=processor)
-    with pytest.raises(ValueError, match="tokens long"):
-        trainer.train()
+    with pytest.raises(ValueError, match=r"train_dataset\['prompt'\]\[0\] is 302 tokens long"):
+        SRUMTrainer(model, args=_config(tmp_path), train_dataset=ds, processing_class=processor)  # not after steps
 
 
 def test_crash_keeps_the_progress(tiny_janus, tmp_path):

@@ -163,6 +163,17 @@ class GenerationConfig:
     batch_size: int = 16
     sde: SDEConfig | None = None
 
+    def __post_init__(self):
+        if not self.guidance > 0:
+            raise ValueError(f"guidance must be > 0 (1.0 disables guidance), got {self.guidance}.")
+        if not self.temperature > 0:
+            raise ValueError(f"temperature must be > 0 (the logits are divided by it; for near-greedy sampling use a "
+                             f"small value such as 0.05), got {self.temperature}.")
+        if self.top_k is not None and self.top_k < 1:
+            raise ValueError(f"top_k must be >= 1 (or None: all tokens), got {self.top_k}.")
+        if self.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {self.batch_size}.")
+
 
 class UMMBackend(ABC):
     """A unified multimodal model seen through the operations that self-rewarding training needs.
@@ -265,10 +276,19 @@ class UMMBackend(ABC):
         raise NotImplementedError(f"{type(self).__name__} has no SDE steps (discrete tokens? use token_logprobs)")
 
     def check_prompts(self, prompts: list[str], field_name: str = "prompt") -> None:
-        """Raise a clear `ValueError` for empty prompts or prompts too long for the context."""
+        """Raise a clear `ValueError` for empty prompts, prompts with words the tokenizer does not know (it would
+        read them as its unknown token) and prompts too long for the context."""
         for i, prompt in enumerate(prompts):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{field_name}[{i}] is empty or not a string ({prompt!r}); every prompt needs text.")
+        for i, prompt in enumerate(prompts):
+            unknown = self.unknown_words(prompt)
+            if unknown:
+                raise ValueError(
+                    f"{field_name}[{i}] ({prompt!r}) has words the tokenizer does not know: {unknown}. The model would "
+                    "read each as its unknown token, and the judge would score images for a prompt nobody wrote. "
+                    "Use words of the model's vocabulary."
+                )
         lengths = self.prompt_lengths(prompts)
         for i, n in enumerate(lengths):
             if n > self.max_prompt_tokens:
@@ -280,6 +300,31 @@ class UMMBackend(ABC):
     @abstractmethod
     def prompt_lengths(self, prompts: list[str]) -> list[int]:
         """Number of tokens of each prompt as the backend feeds it."""
+
+    def _text_tokenizer(self):
+        processor = self.processor
+        return getattr(processor, "tokenizer", None) or processor
+
+    def unknown_words(self, text: str) -> list[str]:
+        """The whitespace-separated words of `text` that the tokenizer maps to its unknown token (none for byte-level
+        tokenizers, which know every string)."""
+        tokenizer = self._text_tokenizer()
+        unk = getattr(tokenizer, "unk_token_id", None)
+        if unk is None or not callable(tokenizer):
+            return []
+        if unk not in tokenizer(text, add_special_tokens=False)["input_ids"]:
+            return []
+        return [w for w in text.split() if unk in tokenizer(w, add_special_tokens=False)["input_ids"]] or [text]
+
+    def question_lengths(self, questions: list[str]) -> list[int] | None:
+        """Tokens of each understanding row (a question with its image) as the model reads it, or None when the
+        family cannot tell (then questions are not checked against `max_context_tokens`)."""
+        return None
+
+    @property
+    def max_context_tokens(self) -> int | None:
+        """The longest sequence the understanding side reads (None: no known limit)."""
+        return None
 
     @contextlib.contextmanager
     def using(self, wrapper: torch.nn.Module):

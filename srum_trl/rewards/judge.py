@@ -4,9 +4,11 @@ Two modes:
 
 - `"logits"` (fast): one forward pass per (image, question); score = 2 * P(yes) - 1, with P(yes) the next-token
   probability of "yes" renormalised against "no".
-- `"text"` (the SRUM paper's): the model writes an answer containing `Score: x`; x is parsed (after any
-  `</think>`), clamped to [-1, 1]; unparseable answers are retried with sampling, then count as neutral 0 and are
-  counted in `stats["unparsed"]`.
+- `"text"` (the SRUM paper's): the model writes an answer containing `Score: x`; x is read by [`parse_score`]
+  (the documented format only: a number in [-1, 1]). Unparseable answers are retried with sampling; an answer that
+  still cannot be read is a missing score, NaN, counted in `stats["unparsed"]`: a missing global score makes the
+  image's reward NaN (left out of GRPO's group statistics and of the SRUM loss, as TRL does with NaN rewards), a
+  missing region score drops that region from the map.
 
 Regions come from a [`RegionProposer`]; each region is shown to the judge as a crop (`region_view="crop"`,
 default) or as the whole image with the box written in the question (`region_view="box"`, the paper's way).
@@ -28,8 +30,10 @@ from typing import Callable
 import torch
 from PIL import Image
 
+from ..data.images import check_image_size
 from ..models.base import PixelViews
-from .reward_map import RewardMap, Region
+from ..warn import warn
+from .reward_map import RewardMap, Region, check_boxes
 from .regions import GridProposer, RegionProposer, build_proposer
 
 SCORE_SCALE = (
@@ -54,19 +58,33 @@ DEFAULT_QUESTIONS = {
     "pixels): " + _REGION_SCORE,
 }
 
-_SCORE_RE = re.compile(r"score\s*[:=]\s*\**\s*([-+]?(?:\d+\.?\d*|\.\d+))", re.IGNORECASE)
+_SCORE_LABEL_RE = re.compile(r"score\s*[:=]\s*\**\s*", re.IGNORECASE)
+_NUMBER_RE = re.compile(r"[-+]?(?:\d+(?:\.\d*)?|\.\d+)(?:[eE][-+]?\d+)?")
+_OTHER_SCALE_RE = re.compile(r"\s*(?:/|out\s+of\b|%|percent\b)", re.IGNORECASE)
 
 
 def parse_score(text: str) -> float | None:
-    """The last `Score: x` in `text` (after any `</think>`), clamped to [-1, 1]; None if there is none."""
+    """The score of a text-mode answer, or None when it is not written in the documented format.
+
+    The documented format is `Score: x` with x a number between -1.0 and 1.0 (`=` for `:`, markdown bold and any
+    case are fine; scientific notation is read as the number it is: "Score: 1e-1" is 0.1). Only the last `Score:` of
+    the answer counts, after any `</think>`. An answer on another scale is not guessed at: "Score: 8/10",
+    "Score: 7 out of 10", "Score: 80%" and numbers outside [-1, 1] ("Score: 8") are None, so the judge re-asks and
+    finally counts them as unparsed.
+    """
     text = text.split("</think>")[-1]
-    matches = _SCORE_RE.findall(text)
-    if not matches:
+    labels = list(_SCORE_LABEL_RE.finditer(text))
+    if not labels:
         return None
-    value = float(matches[-1])
-    if not math.isfinite(value):
+    rest = text[labels[-1].end() :]
+    number = _NUMBER_RE.match(rest)
+    if number is None or _OTHER_SCALE_RE.match(rest[number.end() :]):
         return None
-    return max(-1.0, min(1.0, value))
+    value = float(number.group())
+    if not math.isfinite(value) or not -1.0 <= value <= 1.0:
+        return None
+    return value
+
 
 
 @contextlib.contextmanager
@@ -99,6 +117,8 @@ class UMMJudgeRewardFunction:
         max_retries: text mode, re-asks (with sampling) when no score can be parsed.
         max_new_tokens: text mode, answer length.
         downsample_mode: "bilinear" (the reference's) or "area" (exact cell means) map-to-token-grid downsampling.
+        max_image_pixels: images with more pixels are refused before anything is asked (default 4096 x 4096, or
+            `$SRUM_TRL_MAX_IMAGE_PIXELS`; see `srum_trl.data.images`).
     """
 
     def __init__(
@@ -118,6 +138,7 @@ class UMMJudgeRewardFunction:
         max_new_tokens: int = 64,
         downsample_mode: str = "bilinear",
         name: str = "umm_judge",
+        max_image_pixels: int | None = None,
     ):
         if mode not in ("logits", "text"):
             raise ValueError(f"mode must be 'logits' or 'text', got {mode!r}.")
@@ -143,6 +164,7 @@ class UMMJudgeRewardFunction:
         self.max_new_tokens = max_new_tokens
         self.downsample_mode = downsample_mode
         self.__name__ = name
+        self.max_image_pixels = max_image_pixels
         self.stats: Counter = Counter()
 
     def bind(self, backend) -> "UMMJudgeRewardFunction":
@@ -162,6 +184,37 @@ class UMMJudgeRewardFunction:
             out = q(prompt)
             return [out] if isinstance(out, str) else list(out)
         return [q.format(prompt=prompt, box=list(box))]
+
+    def check_prompts(self, prompts: list[str], field_name: str = "prompt") -> None:
+        """Before anything is judged: every question this judge would ask about `prompts` (the global one and the
+        local ones, with the largest box) fits, with its image and the answer, in the judging model's context. A
+        longer one would be cut or read past the model's positions and still be scored. Families that cannot
+        measure their understanding rows (`question_lengths` None) are not checked."""
+        backend = self.backend
+        limit = getattr(backend, "max_context_tokens", None)
+        if backend is None or limit is None:
+            return
+        side = getattr(backend, "image_size", 0)
+        owners: dict[str, int] = {}
+        for i, prompt in enumerate(prompts):
+            asked = [self._global_question(prompt)] if self.use_global else []
+            if self.use_local:
+                asked += self._local_questions(prompt, (0, 0, side, side))
+            for question in asked:
+                owners.setdefault(question, i)
+        questions = list(owners)
+        lengths = backend.question_lengths(questions) if questions else []
+        if lengths is None:
+            return
+        answer = self.max_new_tokens if self.mode == "text" else 1
+        for question, n in zip(questions, lengths):
+            if n + answer > limit:
+                i = owners[question]
+                raise ValueError(
+                    f"{field_name}[{i}] ({prompts[i]!r}) makes a judge question of {n} tokens with its image; with "
+                    f"{answer} answer token(s) that exceeds the judging model's context of {limit}, so the answer "
+                    "would not be a judgement of the whole prompt. Shorten the prompt (or the question template)."
+                )
 
     # ---------------------------------------------------------------------------------------------- scoring
     def _scores(self, images: list[Image.Image] | PixelViews, questions: list[str]) -> list[float]:
@@ -183,7 +236,22 @@ class UMMJudgeRewardFunction:
                 scores[i] = parse_score(a)
         unparsed = sum(s is None for s in scores)
         self.stats["unparsed"] += unparsed
-        return [0.0 if s is None else s for s in scores]
+        return [math.nan if s is None else s for s in scores]
+
+    def _proposed_boxes(self, image: Image.Image, prompt: str, i: int) -> tuple[list, int, int]:
+        """The proposer's boxes for image `i`, checked before any question is asked: malformed ones raise, naming
+        the proposer and the image; ones reaching outside the image are clamped, ones entirely outside dropped.
+        Returns the boxes and how many were clamped and dropped."""
+        proposed = self.region_proposer(image, prompt)
+        try:
+            proposed = list(proposed)
+        except TypeError:
+            raise ValueError(f"{self.region_proposer!r} returned {proposed!r} for image {i}; a region proposer returns "
+                             "a list of (x0, y0, x1, y1) boxes.") from None
+        width, height = image.size
+        boxes, clamped, dropped = check_boxes(proposed, width, height,
+                                              where=f"{self.region_proposer!r}, image {i} ({prompt!r}): box")
+        return boxes, clamped, dropped
 
     def judge(
         self,
@@ -219,8 +287,9 @@ class UMMJudgeRewardFunction:
                              "(expected [B, H, W, 3]).")
         # each question's view: (image index, crop box or None for the whole image)
         rows, questions, owners = [], [], []  # owner: (image index, region index or -1)
-        boxes_per_image = []
+        boxes_per_image, clamped, dropped = [], 0, 0
         for i, (image, prompt) in enumerate(zip(images, prompts)):
+            check_image_size(image, f"judge: image {i}", self.max_image_pixels)
             if on_device and image.size != (pixels.shape[2], pixels.shape[1]):
                 raise ValueError(f"judge: image {i} is {image.size[0]} x {image.size[1]} px but its pixels are "
                                  f"{pixels.shape[2]} x {pixels.shape[1]}; pass the rollout's own pixels.")
@@ -228,7 +297,8 @@ class UMMJudgeRewardFunction:
                 rows.append((i, None))
                 questions.append(self._global_question(prompt))
                 owners.append((i, -1))
-            boxes = list(self.region_proposer(image, prompt)) if self.use_local else []
+            boxes, c, d = self._proposed_boxes(image, prompt, i) if self.use_local else ([], 0, 0)
+            clamped, dropped = clamped + c, dropped + d
             boxes_per_image.append(boxes)
             for k, box in enumerate(boxes):
                 view = (i, tuple(box) if self.region_view == "crop" else None)
@@ -236,6 +306,12 @@ class UMMJudgeRewardFunction:
                     rows.append(view)
                     questions.append(question)
                     owners.append((i, k))
+        if clamped or dropped:
+            self.stats["boxes_clamped"] += clamped
+            self.stats["boxes_dropped"] += dropped
+            warn(f"{self.region_proposer!r} proposed {clamped + dropped} box(es) reaching outside their image: "
+                 f"{clamped} clamped to the image, {dropped} dropped (entirely outside); counted in "
+                 "stats['boxes_clamped'] and stats['boxes_dropped'].")
         if on_device:
             q_images = PixelViews(pixels, [i for i, _ in rows], [box for _, box in rows])
         else:
@@ -255,8 +331,8 @@ class UMMJudgeRewardFunction:
         for (i, k), s, question in zip(owners, scores, questions):
             if k < 0:
                 asked[i] = s
-            elif (i, k) not in local or s > local[(i, k)][0]:
-                local[(i, k)] = (s, question if labelled else "")
+            elif (i, k) not in local or s > local[(i, k)][0] or math.isnan(local[(i, k)][0]):
+                local[(i, k)] = (s, question if labelled else "")  # NaN (unparsed) only until a score is read
         maps = []
         for i, image in enumerate(images):
             regions = [Region(tuple(b), *local[(i, k)]) for k, b in enumerate(boxes_per_image[i])]
@@ -267,11 +343,14 @@ class UMMJudgeRewardFunction:
 
     @staticmethod
     def scalar(reward_map: RewardMap) -> float:
-        """The scalar reward of a map: the global score, or the mean local score without a global judge."""
+        """The scalar reward of a map: the global score, or the mean local score without a global judge (missing,
+        NaN, scores left out). NaN when the judge gave no usable score."""
         if reward_map.global_score is not None:
             return float(reward_map.global_score)
-        scores = reward_map.local_scores
-        return float(sum(scores) / len(scores)) if scores else 0.0
+        scores = [s for s in reward_map.local_scores if not math.isnan(s)]
+        if not scores:
+            return math.nan if reward_map.local_scores else 0.0
+        return float(sum(scores) / len(scores))
 
     def __call__(self, prompts: list[str], completions: list[Image.Image], **kwargs) -> list[float]:
         """TRL's reward-function signature: `completions` are the generated images; returns one float each."""

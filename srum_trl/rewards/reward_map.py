@@ -26,6 +26,8 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..warn import warn
+
 
 @dataclass
 class Region:
@@ -36,25 +38,62 @@ class Region:
     label: str = ""
 
 
-def validate_box(box, width: int, height: int, where: str = "box") -> tuple[int, int, int, int]:
-    """Return `box` as ints, or raise a ValueError saying what is wrong with it."""
-    if len(box) != 4:
-        raise ValueError(f"{where} must be (x0, y0, x1, y1), got {box!r}.")
-    x0, y0, x1, y1 = (int(round(float(v))) for v in box)
+def check_box(box, width: int, height: int, where: str = "box") -> tuple[tuple[int, int, int, int] | None, bool]:
+    """A box as end-exclusive integer pixels inside a `width x height` image, and whether it had to be clamped.
+
+    Malformed boxes raise a ValueError naming `where`: not four numbers, a NaN or infinite coordinate, or an
+    inverted or empty box (x1 <= x0 or y1 <= y0; boxes are (x0, y0, x1, y1), not (x, y, w, h)). A box reaching
+    outside the image is clamped to it, as the SRUM reference does; one entirely outside is returned as None
+    (nothing of it is in the image). Coordinates are rounded to the nearest pixel.
+    """
+    try:
+        values = [float(v) for v in box]
+    except (TypeError, ValueError):
+        raise ValueError(f"{where} must be four numbers (x0, y0, x1, y1) in pixels, got {box!r}.") from None
+    if len(values) != 4:
+        raise ValueError(f"{where} must be four numbers (x0, y0, x1, y1) in pixels, got {box!r}.")
+    if not all(np.isfinite(values)):
+        raise ValueError(f"{where} {tuple(box)!r} has a NaN or infinite coordinate.")
+    x0, y0, x1, y1 = (int(round(v)) for v in values)
     if x1 <= x0 or y1 <= y0:
-        raise ValueError(f"{where} {tuple(box)} is empty: x1 must exceed x0 and y1 must exceed y0.")
-    if x0 < 0 or y0 < 0 or x1 > width or y1 > height:
-        raise ValueError(
-            f"{where} {tuple(box)} lies outside the {width}x{height} image; boxes are pixel coordinates "
-            f"0 <= x0 < x1 <= {width}, 0 <= y0 < y1 <= {height}."
-        )
-    return x0, y0, x1, y1
+        kind = "empty" if (x1 == x0 or y1 == y0) else "inverted"
+        raise ValueError(f"{where} {tuple(box)!r} is {kind}: x1 must exceed x0 and y1 must exceed y0 (boxes are "
+                         "(x0, y0, x1, y1) in pixels, not (x, y, width, height)).")
+    clamped = (max(0, x0), max(0, y0), min(width, x1), min(height, y1))
+    changed = clamped != (x0, y0, x1, y1)
+    if clamped[2] <= clamped[0] or clamped[3] <= clamped[1]:
+        return None, True
+    return clamped, changed
+
+
+def check_boxes(boxes, width: int, height: int, where: str = "box") -> tuple[list[tuple[int, int, int, int]], int, int]:
+    """[`check_box`] over a list: the boxes kept (clamped into the image), how many were clamped and how many were
+    dropped (entirely outside the image)."""
+    kept, clamped, dropped = [], 0, 0
+    for k, box in enumerate(boxes):
+        checked, changed = check_box(box, width, height, where=f"{where} {k}")
+        if checked is None:
+            dropped += 1
+            continue
+        clamped += changed
+        kept.append(checked)
+    return kept, clamped, dropped
+
+
+def warn_clamped(clamped: int, dropped: int, width: int, height: int, source: str) -> None:
+    """One warning for the boxes of `source` that reached outside the image."""
+    if clamped or dropped:
+        warn(f"{source}: {clamped + dropped} box(es) reached outside the {width}x{height} image; {clamped} were "
+             f"clamped to it and {dropped} (entirely outside) were dropped.", stacklevel=3)
 
 
 def _check_score(value: float, where: str) -> float:
+    """A score in [-1, 1]; NaN (a missing score: the judge gave none) passes through."""
     value = float(value)
+    if np.isnan(value):
+        return value
     if not np.isfinite(value) or value < -1.0 - 1e-6 or value > 1.0 + 1e-6:
-        raise ValueError(f"{where} must be a finite number in [-1, 1], got {value!r}.")
+        raise ValueError(f"{where} must be a number in [-1, 1] (or NaN for a missing score), got {value!r}.")
     return min(1.0, max(-1.0, value))
 
 
@@ -142,17 +181,32 @@ class RewardMap:
         rule: str | Callable = "srum",
         downsample_mode: str = "bilinear",
     ) -> "RewardMap":
-        """Validate scores and boxes, apply `rule` on a `(width, height)` image, and downsample to `grid`."""
+        """Validate scores and boxes, apply `rule` on a `(width, height)` image, and downsample to `grid`.
+
+        Boxes are checked by [`check_box`] (malformed ones raise; ones reaching outside the image are clamped, with a
+        warning). A NaN score is a missing one: a region without a score is kept in `regions` but left out of the
+        map; without a global score there is no verdict on the image and the whole map is NaN (the trainers leave
+        such images out).
+        """
         width, height = image_size
         g = 1.0 if global_score is None else _check_score(global_score, "global score")
-        checked = []
+        checked, clamped, dropped = [], 0, 0
         for k, region in enumerate(regions):
-            box = validate_box(region.box, width, height, where=f"region {k} box")
+            box, changed = check_box(region.box, width, height, where=f"region {k} box")
+            if box is None:
+                dropped += 1
+                continue
+            clamped += changed
             checked.append(Region(box, _check_score(region.score, f"region {k} score"), region.label))
+        warn_clamped(clamped, dropped, width, height, "RewardMap.from_scores")
         rule_fn = MAP_RULES.get(rule) if isinstance(rule, str) else rule
         if rule_fn is None:
             raise ValueError(f"Unknown map rule {rule!r}; choose one of {sorted(MAP_RULES)} or pass a function.")
-        pixel = np.asarray(rule_fn(height, width, g, checked), dtype=np.float32)
+        if np.isnan(g):
+            pixel = np.full((height, width), np.nan, dtype=np.float32)
+        else:
+            scored = [r for r in checked if not np.isnan(r.score)]
+            pixel = np.asarray(rule_fn(height, width, g, scored), dtype=np.float32)
         rule_name = rule if isinstance(rule, str) else getattr(rule, "__name__", "custom")
         return cls(global_score, checked, pixel, downsample(pixel, grid, downsample_mode), rule_name)
 

@@ -9,11 +9,12 @@ from .reward_map import RewardMap
 
 
 def _colormap(values: np.ndarray, low: float, high: float) -> np.ndarray:
-    """Blue (low) -> white (middle) -> red (high), as uint8 RGB."""
-    t = np.clip((values - low) / max(high - low, 1e-6), 0.0, 1.0)[..., None]
+    """Blue (low) -> white (middle) -> red (high), as uint8 RGB; grey where a value is missing (NaN)."""
+    missing = np.isnan(values)[..., None]
+    t = np.clip((np.nan_to_num(values, nan=low) - low) / max(high - low, 1e-6), 0.0, 1.0)[..., None]
     blue, white, red = np.array([40, 80, 255.0]), np.array([255, 255, 255.0]), np.array([255, 40, 40.0])
     rgb = np.where(t < 0.5, blue + (white - blue) * (t * 2), white + (red - white) * (t * 2 - 1))
-    return rgb.astype(np.uint8)
+    return np.where(missing, 128.0, rgb).astype(np.uint8)
 
 
 def render_reward_map(image: Image.Image, reward_map: RewardMap, prompt: str = "", scale: int = 4) -> Image.Image:

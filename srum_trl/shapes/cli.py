@@ -9,8 +9,8 @@ import os
 
 def cmd_eval(argv):
     """Score a folder written by `srum-trl generate` ({line:05d}.png) against its prompt file; print and write JSON."""
-    from PIL import Image
-
+    from ..data.images import open_image
+    from ..data.manifest import check_images_match_prompts
     from ..data.prompts import load_prompts
     from .scorer import accuracy_by_category, score
 
@@ -18,13 +18,21 @@ def cmd_eval(argv):
     parser.add_argument("--images", required=True, help="folder of {line:05d}.png images")
     parser.add_argument("--prompts", required=True, help="the prompt file the images were generated from")
     parser.add_argument("--out", default=None, help="JSON output (default: IMAGES/shapes_eval.json)")
+    parser.add_argument("--unchecked", action="store_true",
+                        help="score a folder without the images.json of `srum-trl generate` (nothing then checks "
+                             "that its images were made from these prompts)")
+    parser.add_argument("--max_image_pixels", type=int, default=None,
+                        help="refuse larger images (default 4096 x 4096, or $SRUM_TRL_MAX_IMAGE_PIXELS)")
     args = parser.parse_args(argv)
     prompts = load_prompts(args.prompts)
+    if not (args.unchecked and not os.path.exists(os.path.join(args.images, "images.json"))):
+        check_images_match_prompts(args.images, prompts)  # images of another prompt file are never scored
     missing = [i for i in range(len(prompts)) if not os.path.exists(os.path.join(args.images, f"{i:05d}.png"))]
     if missing:
         raise SystemExit(f"{len(missing)} images missing in {args.images} (first: {missing[0]:05d}.png); "
                          "run `srum-trl generate` with the same prompt file first.")
-    results = [score(Image.open(os.path.join(args.images, f"{i:05d}.png")), p) for i, p in enumerate(prompts)]
+    results = [score(open_image(os.path.join(args.images, f"{i:05d}.png"), args.max_image_pixels), p)
+               for i, p in enumerate(prompts)]
     summary = {"num_images": len(results), "accuracy": accuracy_by_category(results),
                "per_image": [{"line": i, "prompt": p, "correct": r.correct, "checks": r.checks}
                              for i, (p, r) in enumerate(zip(prompts, results))]}

@@ -269,7 +269,8 @@ def run_arm(spec: str, seed: int, cfg: EvidenceConfig, guidance: float) -> dict:
     out_dir = os.path.join(cfg.out, f"{spec.replace('@', '-lr')}-seed{seed}")
     common = dict(output_dir=out_dir, max_steps=cfg.steps, per_device_train_batch_size=cfg.batch_size,
                   warmup_steps=10, guidance_scale=guidance, seed=seed, logging_steps=10, save_strategy="no",
-                  report_to="none", disable_tqdm=True, bf16=False)
+                  report_to="none", disable_tqdm=True, bf16=False,
+                  adam_epsilon=1e-8)  # the AdamW eps the recorded evidence was trained with (SRUMConfig's is 1e-15)
     loss_guidance = arm_loss_guidance(cfg, backend)
     if arm in GRPO_ARMS:
         from ..trainers import GRPOUMMConfig, GRPOUMMTrainer

@@ -76,13 +76,14 @@ _JUDGE_FIELDS = ("judge_mode", "region_proposer", "region_grid", "map_rule", "ma
 def _warn_ignored_judge_fields(args) -> None:
     """The config's judge fields only build the default judge: say so when a judge was passed and they were set."""
     import dataclasses
-    import warnings
+
+    from ..warn import warn
 
     defaults = {f.name: f.default for f in dataclasses.fields(type(args))}
     changed = [n for n in _JUDGE_FIELDS if hasattr(args, n) and getattr(args, n) != defaults.get(n)]
     if changed:
-        warnings.warn(f"reward_funcs holds a UMMJudgeRewardFunction, so the config's judge fields {changed} are "
-                      "ignored: set them on the judge itself.", stacklevel=3)
+        warn(f"reward_funcs holds a UMMJudgeRewardFunction, so the config's judge fields {changed} are "
+             "ignored: set them on the judge itself.", stacklevel=3)
 
 
 def check_train_dataset(dataset, name: str = "train_dataset") -> None:
@@ -103,6 +104,17 @@ def check_train_dataset(dataset, name: str = "train_dataset") -> None:
         for i, prompt in enumerate(dataset["prompt"]):
             if not isinstance(prompt, str) or not prompt.strip():
                 raise ValueError(f"{name}['prompt'][{i}] is empty or not a string ({prompt!r}).")
+
+
+def check_prompts_fit(dataset, backend, judges, name: str = "train_dataset") -> None:
+    """Before training: the prompts of a prompt dataset can be generated (known words, context) and every judge's
+    questions about them fit the judging model's context (stored rollouts are not checked: they are made)."""
+    if dataset is None or is_rollout_dataset(dataset):
+        return
+    prompts = list(dataset["prompt"])
+    backend.check_prompts(prompts, f"{name}['prompt']")
+    for judge in judges:
+        judge.check_prompts(prompts, f"{name}['prompt']")
 
 
 def check_rewards(values, expected: int, name: str) -> list[float]:

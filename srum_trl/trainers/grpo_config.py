@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
+from .config_checks import TRAINING_AT_LEAST_ONE, TRAINING_NON_NEGATIVE, check_ranges
+
 _MODES = ("grpo", "sft")
 _LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 _SCALE_REWARDS = ("group", "batch", "none")
@@ -222,6 +224,9 @@ class GRPOUMMConfig(_BaseConfig):
     judge_frozen: bool = field(default=True, metadata={"help": "Default judge: judge with LoRA adapters disabled."})
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_AT_LEAST_ONE + ("generation_batch_size", "generation_chunk_size", "top_k",
+                                                    "region_grid", "max_completion_length"),
+                     TRAINING_NON_NEGATIVE)
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
             import torch

@@ -30,7 +30,7 @@ from ..data.rollouts import is_rollout_dataset
 from ..models import GenerationConfig, UMMBackend
 from ..rewards import UMMJudgeRewardFunction
 from .base import UMMTrainerBase, identity_collator, nanmean
-from .common import check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
+from .common import check_prompts_fit, check_rewards, check_train_dataset, default_judge, func_name, resolve_backend
 from .flow_grpo import FlowGRPOMixin
 from .grpo_config import GRPOUMMConfig
 from .grpo_loss import (
@@ -112,6 +112,9 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
             raise ValueError(f"reward_weights has {len(weights)} values for {len(self.reward_funcs)} reward functions.")
         self.reward_weights = torch.tensor(weights, dtype=torch.float32)
         self.judge = next((f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)), None)
+        judges = [f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
+        for dataset, label in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_prompts_fit(dataset, self.backend, judges, label)
         if args.mode == "grpo" and args.advantage_mode == "dense" and self.judge is None:
             raise ValueError("advantage_mode='dense' needs a UMMJudgeRewardFunction in reward_funcs (its reward maps).")
         self.ref_backend = self._resolve_reference(args)
@@ -243,7 +246,12 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
         generation = self._flow_generation() if self._flow else self.generation
         rollout = self._as_forward(self.backend.generate, prompts, generation, seed=seed)
         t1 = time.perf_counter()
+        judges = [f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
+        unparsed_before = sum(f.stats["unparsed"] for f in judges)
         local_rewards, token_maps = self._as_forward(self._score, rollout, batch)
+        if any(f.mode == "text" for f in judges):  # unread answers: NaN rewards, left out of the group statistics
+            unparsed = sum(f.stats["unparsed"] for f in judges) - unparsed_before
+            metrics["judge/unparsed"].append(sum(self._gather([unparsed])))
         metrics["timing/generate_s"].append(t1 - t0)
         metrics["timing/reward_s"].append(time.perf_counter() - t1)
         rewards_per_func = self.accelerator.gather(local_rewards.to(device)).float().cpu()

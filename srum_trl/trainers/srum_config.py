@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
+from .config_checks import TRAINING_AT_LEAST_ONE, TRAINING_NON_NEGATIVE, check_ranges
+
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
 _REWARD_BASELINES = ("none", "batch", "prompt", "position")
@@ -19,8 +21,11 @@ class SRUMConfig(_BaseConfig):
     judges them with its own understanding side into dense reward maps R, and trains on its own images with the
     loss `mean over image tokens of (R + constraint_weight) * per-token generation loss`.
 
-    Defaults follow the paper's reference scripts where they apply: AdamW, lr 2e-5, betas (0.9, 0.95), weight decay
-    0, constant schedule with 100 warmup steps, gradient clipping 1.0, lambda 0.5.
+    Optimizer and schedule defaults are those of the SRUM reference training script (`train/pretrain_unified_navit.py`
+    and its `scripts/train_reg_*.sh` launchers, which inherit BAGEL's optimizer settings): AdamW with lr 2e-5, betas
+    (0.9, 0.95), eps 1e-15 and weight decay 0, a constant schedule after 100 linear warmup steps, gradient clipping at
+    norm 1.0, lambda (`constraint_weight`) 0.5, and 10% prompt dropout with the conditional loss. Two defaults differ
+    from the reference on purpose: `loss_guidance="guided"` (see that field) and hence `text_dropout=0`.
 
     Every field is also a command-line flag of `srum-trl train` (TRL's parser). Besides these, all
     [`~transformers.TrainingArguments`] fields apply.
@@ -50,9 +55,12 @@ class SRUMConfig(_BaseConfig):
             whole generation round (over all processes) is subtracted, `R - mean(R) + lambda`, so tokens judged worse
             than the round's average are pushed down. "prompt": the mean token weight of the round's images of the
             same prompt (set `num_generations` > 1 so that each prompt is sampled several times per round), so an
-            image is only compared with images of its own prompt. With on-the-fly rollouts and the guided loss the
-            samples come from the distribution being trained, where the expected gradient of any constant weight is
-            zero: a baseline (and `constraint_weight=0`) removes that noise and leaves a per-token policy gradient.
+            image is only compared with images of its own prompt. For a cross-entropy loss (discrete backends such as
+            Janus) on rollouts refreshed from the policy and scored on the guided logits that sampled them, a constant
+            weight has zero expected gradient (E[grad log p] = 0 under the sampling distribution): there a baseline (and
+            `constraint_weight=0`) removes that noise and leaves a per-token policy gradient. Flow matching (BAGEL) has
+            no such identity: a velocity regression on the model's own samples moves the model even with a constant
+            weight, so lambda and the mean of R are not noise there.
             "position": each token's weight minus the mean weight at the same token position over the round's
             images of the same prompt (`num_generations` > 1): a background that every image of the prompt shares
             carries no weight, where a per-image or per-prompt mean would give most background tokens a negative
@@ -109,7 +117,9 @@ class SRUMConfig(_BaseConfig):
 
     # Defaults of the paper's reference scripts
     learning_rate: float = field(default=2e-5, metadata={"help": "AdamW learning rate."})
+    adam_beta1: float = field(default=0.9, metadata={"help": "AdamW beta1."})
     adam_beta2: float = field(default=0.95, metadata={"help": "AdamW beta2."})
+    adam_epsilon: float = field(default=1e-15, metadata={"help": "AdamW epsilon (the reference's 1e-15)."})
     weight_decay: float = field(default=0.0, metadata={"help": "AdamW weight decay."})
     lr_scheduler_type: str = field(default="constant_with_warmup", metadata={"help": "Learning-rate schedule."})
     warmup_steps: float = field(default=100, metadata={"help": "Linear warmup steps (a float < 1: a ratio)."})
@@ -184,6 +194,8 @@ class SRUMConfig(_BaseConfig):
     )
 
     def __post_init__(self):
+        check_ranges(self, TRAINING_AT_LEAST_ONE + ("generation_batch_size", "top_k", "region_grid"),
+                     TRAINING_NON_NEGATIVE + ("save_reward_maps",))
         if self.bf16 is None and not self.fp16:
             # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
             import torch

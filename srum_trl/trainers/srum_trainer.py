@@ -18,15 +18,16 @@ import time
 import torch
 from accelerate.utils import gather_object
 from torch.utils.data import Sampler
-from trl.trainer.utils import RepeatSampler
+from trl.trainer.utils import RepeatSampler, nanstd
 
-from ..data.rollouts import is_rollout_dataset, rows_to_rollout
+from ..data.rollouts import check_rollout_rows, is_rollout_dataset, rows_to_rollout
 from ..models import GenerationConfig
 from ..rewards import RewardMap, UMMJudgeRewardFunction, global_weight
+from ..warn import warn
 from .base import UMMTrainerBase, identity_collator, nanmean
-from .common import (check_rewards, check_train_dataset, func_name, resolve_backend, resolve_judge,
-                     weighted_nanmean)
 from .credit import object_credit, position_baselines, prompt_baselines
+from .common import (check_prompts_fit, check_rewards, check_train_dataset, func_name, resolve_backend,
+                     resolve_judge, weighted_nanmean)
 from .srum_config import SRUMConfig
 
 _CITATION = """\
@@ -36,6 +37,40 @@ _CITATION = """\
     journal = {arXiv preprint arXiv:2510.12784},
     year    = {2025}
 }"""
+
+
+def check_offline_groups(group_size: int, args: SRUMConfig) -> None:
+    """A rollout store's images per prompt against the config: rounds hold whole groups."""
+    grouped = [f"reward_baseline={args.reward_baseline!r}"] if args.reward_baseline in ("prompt", "position") else []
+    grouped += ["local_credit='object'"] if args.local_credit == "object" else []
+    if grouped and group_size == 1:
+        raise ValueError(
+            f"{' and '.join(grouped)} compare the images of one prompt, but this rollout store holds one image per "
+            "prompt (every weight would average to 0): make the store with several images per prompt "
+            "(`srum-trl rollout --num_generations 8`, or build_rollouts(..., num_generations=8)) and set "
+            "num_generations to the same number."
+        )
+    if group_size != args.num_generations:
+        raise ValueError(
+            f"The rollout store holds {group_size} image(s) per prompt but num_generations={args.num_generations}: "
+            f"set num_generations={group_size}, so that each round holds whole groups."
+        )
+
+
+class GroupRowSampler(Sampler):
+    """Rows of whole prompt groups: `groups` is a sampler over group indices that repeats each index G times in a
+    row (TRL's `RepeatSampler` with `mini_repeat_count=G`); the j-th repeat becomes the group's j-th row."""
+
+    def __init__(self, groups: Sampler, rows: list[list[int]]):
+        self.groups, self.rows = groups, rows
+        self.size = len(rows[0])
+
+    def __iter__(self):
+        for i, g in enumerate(self.groups):
+            yield self.rows[g][i % self.size]
+
+    def __len__(self) -> int:
+        return len(self.groups)
 
 
 class SRUMTrainer(UMMTrainerBase):
@@ -89,12 +124,13 @@ class SRUMTrainer(UMMTrainerBase):
         if len(self.reward_weights) != len(self.reward_funcs):
             raise ValueError(f"reward_weights has {len(self.reward_weights)} values for {len(self.reward_funcs)} plain "
                              "reward functions (the UMMJudgeRewardFunction, which makes the maps, takes none).")
+        for dataset, label in ((train_dataset, "train_dataset"), (eval_dataset, "eval_dataset")):
+            check_prompts_fit(dataset, self.backend, [self.judge], label)
         self.offline = train_dataset is not None and is_rollout_dataset(train_dataset)
-        if self.offline and tuple(train_dataset[0]["grid"]) != tuple(self.backend.token_grid):
-            raise ValueError(
-                f"train_dataset holds rollouts on a {tuple(train_dataset[0]['grid'])} token grid but the model "
-                f"generates on {tuple(self.backend.token_grid)}: it was made with another model."
-            )
+        self._groups = None  # offline: the row indices of each prompt's images
+        if self.offline:
+            self._groups = check_rollout_rows(train_dataset, self.backend.token_grid)
+            check_offline_groups(len(self._groups[0]), args)
         if self.offline and "image" in train_dataset.column_names:
             train_dataset = train_dataset.remove_columns("image")  # training reads tokens and maps only
         self.generation = GenerationConfig(
@@ -114,15 +150,17 @@ class SRUMTrainer(UMMTrainerBase):
             optimizers=optimizers,
         )
         round_size = args.per_device_train_batch_size * args.steps_per_generation * self.accelerator.num_processes
-        if train_dataset is not None and len(train_dataset) < round_size // args.num_generations:
+        prompts = len(self._groups) if self.offline else len(train_dataset) if train_dataset is not None else None
+        if prompts is not None and prompts < round_size // args.num_generations:
             raise ValueError(
-                f"train_dataset has {len(train_dataset)} rows, fewer than one round of rollouts needs "
+                f"train_dataset has {prompts} {'prompt groups' if self.offline else 'rows'}, fewer than one round of "
+                "rollouts needs "
                 f"({round_size} = per_device_train_batch_size x steps_per_generation x processes, over "
                 f"num_generations={args.num_generations}): lower those or add prompts."
             )
         grouped = [f"reward_baseline={args.reward_baseline!r}"] if args.reward_baseline in ("prompt", "position") else []
         grouped += ["local_credit='object'"] if args.local_credit == "object" else []
-        if grouped and args.num_generations == 1 and not self.offline:
+        if grouped and args.num_generations == 1:
             raise ValueError(
                 f"{' and '.join(grouped)} compares the images of one prompt, but num_generations=1 samples one image "
                 "per prompt (every weight would be 0): set num_generations >= 2."
@@ -154,17 +192,18 @@ class SRUMTrainer(UMMTrainerBase):
 
     def _get_train_sampler(self, dataset=None) -> Sampler:
         # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes.
-        # Offline rollouts are rows already: they are never repeated.
-        repeats = 1 if self.offline else self.args.num_generations
+        # Offline rollouts are rows already: whole prompt groups are drawn, each row once.
+        repeats = self.args.num_generations
         round_size = self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes
-        return RepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
+        sampler = RepeatSampler(
+            data_source=self._groups if self.offline else dataset if dataset is not None else self.train_dataset,
             mini_repeat_count=repeats,
             batch_size=round_size // repeats,
             repeat_count=self.args.steps_per_generation,
             shuffle=True,
             seed=self.args.seed,
         )
+        return GroupRowSampler(sampler, self._groups) if self.offline else sampler
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler:
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False)
@@ -182,10 +221,16 @@ class SRUMTrainer(UMMTrainerBase):
                 for v in values:
                     if not math.isnan(v) and not -1.0 <= v <= 1.0:
                         raise ValueError(f"Reward function {func_name(f)!r} returned {v}; SRUM needs values in [-1, 1].")
-                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(self._gather(values)))
+                gathered = self._gather(values)
+                metrics[f"rewards/{func_name(f)}/mean"].append(nanmean(gathered))
+                missing = sum(math.isnan(v) for v in gathered)
+                metrics[f"rewards/{func_name(f)}/missing_frac"].append(missing / len(gathered))
+                if missing == len(gathered):
+                    warn(f"Reward function {func_name(f)!r} returned no score (None or NaN) for any of the "
+                         f"{len(gathered)} images of this round; images that no function scores get no global score "
+                         "and are left out of the loss (metric rewards/<name>/missing_frac).")
                 per_func.append(values)
-            global_scores = [weighted_nanmean(col, self.reward_weights) for col in zip(*per_func)]
-            global_scores = [0.0 if math.isnan(g) else g for g in global_scores]
+            global_scores = [weighted_nanmean(col, self.reward_weights) for col in zip(*per_func)]  # NaN: none scored
         unparsed_before = self.judge.stats["unparsed"]
         maps = self.judge.judge(images, prompts, rollout.grid, global_scores=global_scores, pixels=rollout.pixels)
         rewards = [UMMJudgeRewardFunction.scalar(m) for m in maps]
@@ -226,7 +271,9 @@ class SRUMTrainer(UMMTrainerBase):
             self._log_map_stats(metrics, maps)
         rewards = self._gather(rewards)
         metrics["reward"].append(nanmean(rewards))
-        metrics["reward_std"].append(float(torch.tensor(rewards).std()) if len(rewards) > 1 else 0.0)
+        metrics["reward_std"].append(float(nanstd(torch.tensor(rewards))) if len(rewards) > 1 else 0.0)
+        # an image without a verdict (NaN map: no global score) gets weight 0 in `compute_loss`
+        metrics["srum/unscored_frac"].append(nanmean(self._gather(torch.isnan(weights).any(dim=1).float().tolist())))
         image_means = self._gather(weights.float().mean(dim=1).tolist())  # equal token counts per image
         metrics["srum/token_weight"].append(nanmean(image_means))
         baseline, weights = self.args.reward_baseline, weights.float()
@@ -275,7 +322,8 @@ class SRUMTrainer(UMMTrainerBase):
             per_token = self._as_forward(
                 self.backend.token_losses, rollout.prompts, rollout, self.args.loss_guidance, dropout
             )
-        weight = weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight
+        # an image whose map is NaN (no verdict: unparsed answer, reward functions without a score) is left out
+        weight = torch.nan_to_num(weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight, nan=0.0)
         loss = (weight * per_token).mean()  # every process holds as many images: DDP / FSDP's mean is the global one
         mode = "train" if model.training else "eval"
         self._metrics[mode]["srum/token_loss"].append(nanmean(self._gather([float(per_token.detach().mean())])))
@@ -291,6 +339,6 @@ class SRUMTrainer(UMMTrainerBase):
         g = self._gather([m.global_score for m in maps if m.global_score is not None])
         local = self._gather([s for m in maps for s in m.local_scores])
         if g:
-            metrics["srum/global_score"].append(sum(g) / len(g))
+            metrics["srum/global_score"].append(nanmean(g))
         if local:
-            metrics["srum/local_score"].append(sum(local) / len(local))
+            metrics["srum/local_score"].append(nanmean(local))

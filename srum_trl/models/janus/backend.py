@@ -198,6 +198,19 @@ class JanusBackend(UMMBackend):
         enc = self.processor(text=texts, generation_mode="image", padding=False, return_tensors=None)
         return [len(ids) for ids in enc["input_ids"]]
 
+    def question_lengths(self, questions: list[str]) -> list[int]:
+        texts = [self.format_question(q) for q in questions]
+        fast = self.input_builder.fast_text(texts)
+        if fast is not None:
+            return fast[1].sum(dim=1).tolist()
+        blank = Image.new("RGB", (self.image_size, self.image_size))
+        enc = self.processor(text=texts, images=[blank] * len(texts), padding=False, return_tensors=None)
+        return [len(ids) for ids in enc["input_ids"]]
+
+    @property
+    def max_context_tokens(self) -> int:
+        return self.config.text_config.max_position_embeddings
+
     def unconditional_ids(self, input_ids: torch.Tensor) -> torch.Tensor:
         """The prompt with its text dropped, as Janus builds it: every token except BOS and begin-of-image -> pad."""
         tokenizer = self.processor.tokenizer

@@ -46,6 +46,7 @@ from transformers.models.llama.modeling_llama import repeat_kv
 
 from .decode_step import _STEP_FUNCTIONS, _check_llama_layers, _decode_layers, _step_functions, _token_scores
 from .decode_step import guided_scores
+from ...warn import SRUMTrlWarning
 from .._compat import cache_kwarg
 
 __all__ = ["FastJanusDecoder", "FastJanusSampler", "StaticKVCache", "guided_scores"]
@@ -127,7 +128,8 @@ class _GraphRunner:
             with torch.cuda.graph(graph, pool=self._pool, capture_error_mode="thread_local"):
                 fn()
         except Exception as error:  # noqa: BLE001 - fall back rather than fail a rollout
-            warnings.warn(f"CUDA graph capture failed ({error!r}); the fast Janus decoder continues eagerly.")
+            warnings.warn(f"CUDA graph capture failed ({error!r}); the fast Janus decoder continues eagerly.",
+                          SRUMTrlWarning)
             self.enabled = False
             torch.cuda.synchronize(self.device)
             return None
@@ -309,7 +311,7 @@ class FastJanusDecoder:
             if self.fns is _STEP_FUNCTIONS:
                 raise
             warnings.warn(f"torch.compile of the fast Janus decode step failed ({error!r}); the decoder continues "
-                          f"without compiling it (set compile=False to skip the attempt).")
+                          f"without compiling it (set compile=False to skip the attempt).", SRUMTrlWarning)
             self.fns = _STEP_FUNCTIONS
             self.graphs(key, fn)
 

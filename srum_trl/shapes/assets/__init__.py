@@ -24,14 +24,14 @@ def base_model_path() -> str:
 
 def srum_lora_path() -> str:
     """Folder of the LoRA adapter trained by `SRUMTrainer` with the judge's global score centred per prompt (the
-    evidence table's `srum_grouped_global@3e-4` arm, seed 0): 85.1% held-out generation accuracy against the base
-    model's 77.3% (see docs/shapes.md)."""
+    evidence table's `srum_grouped_global@3e-4` arm, seed 0). Its measured accuracies, and the base model's, are in
+    `docs/results/shapes_evidence_b128_srum_grouped_global.json` (summarised in docs/shapes.md)."""
     return _path("srum-lora")
 
 
 def grpo_lora_path() -> str:
-    """Folder of the LoRA adapter trained by self-judged GRPO (the evidence table's `grpo` arm, seed 0): the
-    improved model, 81.1% held-out generation accuracy against the base model's 77.3%."""
+    """Folder of the LoRA adapter trained by self-judged GRPO (the evidence table's `grpo` arm, seed 0). Its measured
+    accuracies are in `docs/results/shapes_evidence_b128_grpo.json` (summarised in docs/shapes.md)."""
     return _path("grpo-lora")
 
 
