@@ -6,6 +6,8 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
+from .config_base import UMMConfigBase
+
 _MODES = ("grpo", "sft")
 _LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
 _SCALE_REWARDS = ("group", "batch", "none")
@@ -16,7 +18,7 @@ _JUDGE_MODES = ("logits", "text")
 
 
 @dataclass
-class GRPOUMMConfig(_BaseConfig):
+class GRPOUMMConfig(UMMConfigBase):
     r"""
     Configuration class for [`GRPOUMMTrainer`]: GRPO on the image tokens of a unified multimodal model, as in UniRL
     (arXiv 2505.23380), with the model's own judge as reward, optional dense per-token advantages from the judge's
@@ -111,6 +113,29 @@ class GRPOUMMConfig(_BaseConfig):
             Default judge: pixel map to token grid, "bilinear" or "area".
         judge_frozen (`bool`, *optional*, defaults to `True`):
             Default judge: with a PEFT model, judge with the adapters disabled (the frozen starting point).
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a new run (not a resumed one) in an `output_dir` that already holds `checkpoint-N` folders. Without
+            it such a run is refused before training: its checkpoints would mix with the earlier ones, and
+            `save_total_limit` would delete them. To continue the earlier run, pass `resume_from_checkpoint`.
+        importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Correct for the sampler's numerics (the fast decoder, bf16) differing from the training forward's
+            (TRL's `vllm_importance_sampling_correction`; here the sampler is the backend's own): at the start of
+            each round the training forward recomputes the log-probabilities of the sampled tokens, and each token's
+            loss is weighted by `exp(log p_train - log p_sampler)`, bounded as `importance_sampling_mode` says.
+            Needs a backend that records the sampler's log-probabilities (discrete tokens, e.g. Janus) and
+            on-the-fly rollouts. The round's log-probabilities are then always recomputed (TRL's rule), one
+            no-gradient forward over each round; the weight multiplies the clipped surrogate, before the KL term.
+            Mode "grpo" only.
+        importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
+            TRL's modes: "token_truncate" (per-token weights clipped to `[importance_sampling_clip_min,
+            importance_sampling_clip_max]`), "token_mask" (per-token weights outside those bounds set to 0),
+            "sequence_truncate" / "sequence_mask" (one weight per image, the exp of the summed difference, clipped
+            or masked). TRL defaults to "sequence_mask"; an image has hundreds of tokens, whose ratios multiply in a
+            per-image weight, hence the per-token default here.
+        importance_sampling_clip_min (`float`, *optional*):
+            Lower bound of the importance weights (None: no lower bound).
+        importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
+            Upper bound of the importance weights (TRL's default).
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -118,7 +143,8 @@ class GRPOUMMConfig(_BaseConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's GRPO default)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is used (not with use_cpu), off "
+                  "otherwise."},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -179,12 +205,7 @@ class GRPOUMMConfig(_BaseConfig):
     judge_frozen: bool = field(default=True, metadata={"help": "Default judge: judge with LoRA adapters disabled."})
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or self.use_cpu
-        super().__post_init__()
+        super().__post_init__()  # bf16 default: UMMConfigBase
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
         )
@@ -205,6 +226,9 @@ class GRPOUMMConfig(_BaseConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.mode == "sft" and self.importance_sampling_correction:
+            raise ValueError("importance_sampling_correction applies to mode='grpo' (its ratios); self-SFT logs the "
+                             "log-prob mismatch without correcting it.")
         if self.mode == "sft" and self.beta > 0:
             raise ValueError("beta (the KL term) applies to mode='grpo' only; set beta=0 for self-SFT.")
         if self.num_iterations < 1:

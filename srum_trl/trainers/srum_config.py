@@ -6,13 +6,15 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
+from .config_base import UMMConfigBase
+
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
 _REWARD_BASELINES = ("none", "batch", "prompt")
 
 
 @dataclass
-class SRUMConfig(_BaseConfig):
+class SRUMConfig(UMMConfigBase):
     r"""
     Configuration class for [`SRUMTrainer`] (SRUM, arXiv 2510.12784): the model generates images for prompts,
     judges them with its own understanding side into dense reward maps R, and trains on its own images with the
@@ -83,6 +85,27 @@ class SRUMConfig(_BaseConfig):
         save_reward_maps (`int`, *optional*, defaults to `0`):
             At every logging step, save this many pictures (image beside its reward map) under
             `output_dir/reward_maps/`.
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a new run (not a resumed one) in an `output_dir` that already holds `checkpoint-N` folders. Without
+            it such a run is refused before training: its checkpoints would mix with the earlier ones, and
+            `save_total_limit` would delete them. To continue the earlier run, pass `resume_from_checkpoint`.
+        importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Correct for the sampler's numerics (the fast decoder, bf16) differing from the training forward's
+            (TRL's `vllm_importance_sampling_correction`; here the sampler is the backend's own): at the start of
+            each round the training forward recomputes the log-probabilities of the sampled tokens, and each token's
+            loss is weighted by `exp(log p_train - log p_sampler)`, bounded as `importance_sampling_mode` says.
+            Needs a backend that records the sampler's log-probabilities (discrete tokens, e.g. Janus) and
+            on-the-fly rollouts. Costs one no-gradient forward over each round.
+        importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
+            TRL's modes: "token_truncate" (per-token weights clipped to `[importance_sampling_clip_min,
+            importance_sampling_clip_max]`), "token_mask" (per-token weights outside those bounds set to 0),
+            "sequence_truncate" / "sequence_mask" (one weight per image, the exp of the summed difference, clipped
+            or masked). TRL defaults to "sequence_mask"; an image has hundreds of tokens, whose ratios multiply in a
+            per-image weight, hence the per-token default here.
+        importance_sampling_clip_min (`float`, *optional*):
+            Lower bound of the importance weights (None: no lower bound).
+        importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
+            Upper bound of the importance weights (TRL's default).
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -96,7 +119,8 @@ class SRUMConfig(_BaseConfig):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is used (not with use_cpu), off "
+                  "otherwise."},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -151,12 +175,7 @@ class SRUMConfig(_BaseConfig):
     )
 
     def __post_init__(self):
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        super().__post_init__()
+        super().__post_init__()  # bf16 default: UMMConfigBase
         if self.loss_guidance not in _LOSS_GUIDANCE:
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
         if self.reward_baseline not in _REWARD_BASELINES:
