@@ -103,7 +103,7 @@ def main(argv=None):
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
     trainer = SRUMTrainer(backend, args=config, train_dataset=train, eval_dataset=eval_dataset,
                                peft_config=peft_config)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a path, or "true": the last checkpoint
     # LoRA: the adapter; full fine-tune: an official BAGEL folder (ema.safetensors, llm/vit configs, VAE, tokenizer)
     trainer.save_model(config.output_dir)
     if config.push_to_hub:

@@ -438,10 +438,9 @@ def test_weighted_loss_of_the_trainer(bagel, tmp_path):
     trainer = SRUMTrainer(bagel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
     rollout = bagel.generate(PROMPTS[:2], GenerationConfig(guidance=4.0), seed=0)
     weights = torch.rand(2, 16) * 2 - 1
-    torch.manual_seed(1)
     loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
-    torch.manual_seed(1)
-    per_token = bagel.token_losses(rollout.prompts, rollout, "conditional")
+    # the trainer draws the timesteps and noise from its per-process, per-micro-step generator
+    per_token = bagel.token_losses(rollout.prompts, rollout, "conditional", generator=trainer._generator("loss"))
     torch.testing.assert_close(loss, ((weights + 0.5) * per_token).mean())
 
 
