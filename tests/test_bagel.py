@@ -27,13 +27,7 @@ WORDS = "a red green blue circle square triangle and does this image show is the
 PROMPTS = ["a red circle", "a blue square and a green triangle", "a green circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads slow down badly on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture

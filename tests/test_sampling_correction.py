@@ -14,14 +14,7 @@ from srum_trl.trainers.grpo_loss import grpo_loss
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red square"]
 # recorded = recomputed + DELTA, so exp(recomputed - recorded) = exp(-DELTA): 1, e^-0.5, e^2 (clipped at 3)
 DELTA = torch.tensor([0.0, 0.5, -2.0] * 6)[:16]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_ratio_modes_by_hand():

@@ -15,14 +15,7 @@ from transformers import TrainerCallback
 from srum_trl import GRPOUMMConfig, SRUMConfig, SRUMTrainer
 
 PROMPTS = ["a red circle", "a blue square", "a green triangle", "a red square"]
-
-
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def _trainer(tiny_janus, out, callbacks=None, **kw):

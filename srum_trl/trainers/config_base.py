@@ -20,6 +20,34 @@ def _without_tokens(model_init_kwargs):
     return model_init_kwargs
 
 
+def shared_fields_doc(correction_note: str) -> str:
+    """The docstring entries of [`UMMConfigBase`]'s fields, appended to each configuration's docstring;
+    `correction_note` ends the entry of `importance_sampling_correction` with what it does in that trainer."""
+    return f"""
+        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
+            Allow a new run (not a resumed one) in an `output_dir` that already holds `checkpoint-N` folders. Without
+            it such a run is refused before training: its checkpoints would mix with the earlier ones, and
+            `save_total_limit` would delete them. To continue the earlier run, pass `resume_from_checkpoint`.
+        importance_sampling_correction (`bool`, *optional*, defaults to `False`):
+            Correct for the sampler's numerics (the fast decoder, bf16) differing from the training forward's
+            (TRL's `vllm_importance_sampling_correction`; here the sampler is the backend's own): at the start of
+            each round the training forward recomputes the log-probabilities of the sampled tokens, and each token's
+            loss is weighted by `exp(log p_train - log p_sampler)`, bounded as `importance_sampling_mode` says.
+            Needs a backend that records the sampler's log-probabilities (discrete tokens, e.g. Janus) and
+            on-the-fly rollouts. {correction_note}
+        importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
+            TRL's modes: "token_truncate" (per-token weights clipped to `[importance_sampling_clip_min,
+            importance_sampling_clip_max]`), "token_mask" (per-token weights outside those bounds set to 0),
+            "sequence_truncate" / "sequence_mask" (one weight per image, the exp of the summed difference, clipped
+            or masked). TRL defaults to "sequence_mask"; an image has hundreds of tokens, whose ratios multiply in a
+            per-image weight, hence the per-token default here.
+        importance_sampling_clip_min (`float`, *optional*):
+            Lower bound of the importance weights (None: no lower bound).
+        importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
+            Upper bound of the importance weights (TRL's default).
+"""
+
+
 @dataclass
 class UMMConfigBase(_BaseConfig):
     """Fields and rules common to the self-rewarding trainers' configurations (documented in each of them).

@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
-from .config_base import UMMConfigBase
+from .config_base import UMMConfigBase, shared_fields_doc
 
 _MODES = ("grpo", "sft")
 _LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -113,29 +113,6 @@ class GRPOUMMConfig(UMMConfigBase):
             Default judge: pixel map to token grid, "bilinear" or "area".
         judge_frozen (`bool`, *optional*, defaults to `True`):
             Default judge: with a PEFT model, judge with the adapters disabled (the frozen starting point).
-        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Allow a new run (not a resumed one) in an `output_dir` that already holds `checkpoint-N` folders. Without
-            it such a run is refused before training: its checkpoints would mix with the earlier ones, and
-            `save_total_limit` would delete them. To continue the earlier run, pass `resume_from_checkpoint`.
-        importance_sampling_correction (`bool`, *optional*, defaults to `False`):
-            Correct for the sampler's numerics (the fast decoder, bf16) differing from the training forward's
-            (TRL's `vllm_importance_sampling_correction`; here the sampler is the backend's own): at the start of
-            each round the training forward recomputes the log-probabilities of the sampled tokens, and each token's
-            loss is weighted by `exp(log p_train - log p_sampler)`, bounded as `importance_sampling_mode` says.
-            Needs a backend that records the sampler's log-probabilities (discrete tokens, e.g. Janus) and
-            on-the-fly rollouts. The round's log-probabilities are then always recomputed (TRL's rule), one
-            no-gradient forward over each round; the weight multiplies the clipped surrogate, before the KL term.
-            Mode "grpo" only.
-        importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
-            TRL's modes: "token_truncate" (per-token weights clipped to `[importance_sampling_clip_min,
-            importance_sampling_clip_max]`), "token_mask" (per-token weights outside those bounds set to 0),
-            "sequence_truncate" / "sequence_mask" (one weight per image, the exp of the summed difference, clipped
-            or masked). TRL defaults to "sequence_mask"; an image has hundreds of tokens, whose ratios multiply in a
-            per-image weight, hence the per-token default here.
-        importance_sampling_clip_min (`float`, *optional*):
-            Lower bound of the importance weights (None: no lower bound).
-        importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
-            Upper bound of the importance weights (TRL's default).
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -274,3 +251,10 @@ class GRPOUMMConfig(UMMConfigBase):
                 f"({self.num_generations}): a generation round holds whole groups. Raise per_device_train_batch_size "
                 "or steps_per_generation."
             )
+
+
+# the fields shared with SRUMConfig (overwrite_output_dir, importance_sampling_*) are documented in config_base
+GRPOUMMConfig.__doc__ = GRPOUMMConfig.__doc__.rstrip() + shared_fields_doc(
+    "The round's log-probabilities are then always recomputed (TRL's rule), one\n"
+    "            no-gradient forward over each round; the weight multiplies the clipped surrogate, before the KL\n"
+    '            term. Mode "grpo" only.')

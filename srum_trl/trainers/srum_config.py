@@ -6,7 +6,7 @@ from dataclasses import dataclass, field
 
 from trl.trainer.base_config import _BaseConfig
 
-from .config_base import UMMConfigBase
+from .config_base import UMMConfigBase, shared_fields_doc
 
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
@@ -85,27 +85,6 @@ class SRUMConfig(UMMConfigBase):
         save_reward_maps (`int`, *optional*, defaults to `0`):
             At every logging step, save this many pictures (image beside its reward map) under
             `output_dir/reward_maps/`.
-        overwrite_output_dir (`bool`, *optional*, defaults to `False`):
-            Allow a new run (not a resumed one) in an `output_dir` that already holds `checkpoint-N` folders. Without
-            it such a run is refused before training: its checkpoints would mix with the earlier ones, and
-            `save_total_limit` would delete them. To continue the earlier run, pass `resume_from_checkpoint`.
-        importance_sampling_correction (`bool`, *optional*, defaults to `False`):
-            Correct for the sampler's numerics (the fast decoder, bf16) differing from the training forward's
-            (TRL's `vllm_importance_sampling_correction`; here the sampler is the backend's own): at the start of
-            each round the training forward recomputes the log-probabilities of the sampled tokens, and each token's
-            loss is weighted by `exp(log p_train - log p_sampler)`, bounded as `importance_sampling_mode` says.
-            Needs a backend that records the sampler's log-probabilities (discrete tokens, e.g. Janus) and
-            on-the-fly rollouts. Costs one no-gradient forward over each round.
-        importance_sampling_mode (`str`, *optional*, defaults to `"token_truncate"`):
-            TRL's modes: "token_truncate" (per-token weights clipped to `[importance_sampling_clip_min,
-            importance_sampling_clip_max]`), "token_mask" (per-token weights outside those bounds set to 0),
-            "sequence_truncate" / "sequence_mask" (one weight per image, the exp of the summed difference, clipped
-            or masked). TRL defaults to "sequence_mask"; an image has hundreds of tokens, whose ratios multiply in a
-            per-image weight, hence the per-token default here.
-        importance_sampling_clip_min (`float`, *optional*):
-            Lower bound of the importance weights (None: no lower bound).
-        importance_sampling_clip_max (`float`, *optional*, defaults to `3.0`):
-            Upper bound of the importance weights (TRL's default).
     """
 
     _VALID_DICT_FIELDS = _BaseConfig._VALID_DICT_FIELDS + ["model_init_kwargs"]
@@ -209,3 +188,7 @@ class SRUMConfig(UMMConfigBase):
             raise ValueError(f"constraint_weight (lambda) must be >= 0, got {self.constraint_weight}.")
         if not (self.use_global_reward or self.use_local_reward):
             raise ValueError("use_global_reward and use_local_reward are both False: nothing would be judged.")
+
+
+# the fields shared with GRPOUMMConfig (overwrite_output_dir, importance_sampling_*) are documented in config_base
+SRUMConfig.__doc__ = SRUMConfig.__doc__.rstrip() + shared_fields_doc("Costs one no-gradient forward over each round.")
