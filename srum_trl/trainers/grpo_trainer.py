@@ -311,6 +311,8 @@ class GRPOUMMTrainer(UMMTrainerBase):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         rollout = inputs["rollout"]
+        # the round's first micro-step: the weights are still those that sampled it
+        first_of_round = self._step % (self.args.steps_per_generation * self.args.num_iterations) == 0
         if self.args.mode == "sft":
             dropout = self.args.sft_text_dropout if model.training else 0.0
             with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
@@ -318,7 +320,7 @@ class GRPOUMMTrainer(UMMTrainerBase):
                     self.backend.token_losses, rollout.prompts, rollout, self.args.sft_loss_guidance, dropout,
                     generator=self._generator("loss"),
                 )
-            if mode == "train" and rollout.logprobs is not None and self._step % self.args.steps_per_generation == 0:
+            if mode == "train" and first_of_round and rollout.logprobs is not None:
                 self._log_sampling_mismatch(self._metrics[mode], self._policy_logps(
                     rollout, per_token, self.args.sft_loss_guidance), rollout.logprobs)
             weights = inputs["sft_weights"].to(per_token.device, per_token.dtype)
@@ -330,9 +332,7 @@ class GRPOUMMTrainer(UMMTrainerBase):
         with self.backend.using(model):
             logps = self._as_forward(self.backend.token_logprobs, rollout.prompts, rollout)
         old = inputs.get("old_logps")
-        generate_every = self.args.steps_per_generation * self.args.num_iterations
-        if mode == "train" and old is None and rollout.logprobs is not None and self._step % generate_every == 0:
-            # the round's first micro-step: the weights are still those that sampled it
+        if mode == "train" and first_of_round and old is None and rollout.logprobs is not None:
             self._log_sampling_mismatch(self._metrics[mode], logps.detach(), rollout.logprobs)
         out = grpo_loss(
             logps,
