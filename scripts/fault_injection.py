@@ -238,7 +238,7 @@ def killed_run(name: str, cmd: list[str], ref: str, out: str, log: str, args, rn
     return result
 
 
-def experiment(name: str, cmd: list[str], work: str, args) -> dict:
+def experiment(name: str, cmd: list[str], work: str, args, model: str, prompts: str) -> dict:
     """The uninterrupted run, then one killed-and-resumed run per kill seed, each compared with it."""
     log = os.path.join(work, f"{name}.log")
     ref = os.path.join(work, f"{name}-reference")
@@ -248,7 +248,8 @@ def experiment(name: str, cmd: list[str], work: str, args) -> dict:
     if first["returncode"] != 0:
         raise SystemExit(f"the uninterrupted {name} run failed; see {log}")
     step_s = _step_time(ref, _shard_names(ref) if name == "rollout" else _checkpoints(ref))
-    result = {"experiment": name, "command": " ".join(["srum-trl"] + cmd[3:]),
+    shown = [{model: f"<{args.model} model>", prompts: "<prompts.txt>"}.get(a, a) for a in cmd[3:]]
+    result = {"experiment": name, "command": " ".join(["srum-trl"] + shown),
               "uninterrupted_s": round(reference_s, 1), "step_s": round(step_s, 3)}
     if name != "rollout":
         result["keys_compared"] = sorted({k for v in _logged(ref, args.steps).values() for k in v})
@@ -267,9 +268,9 @@ def main(argv=None):
     work = args.work or tempfile.mkdtemp(prefix="fault-injection-")
     os.makedirs(work, exist_ok=True)
     try:
-        model = model_folder(args.model, work)
-        cmds = commands(model, prompt_file(args.model, work, args.prompts), args.steps)
-        results = [experiment(name, cmds[name], work, args) for name in args.experiments.split(",")]
+        model, prompts = model_folder(args.model, work), prompt_file(args.model, work, args.prompts)
+        cmds = commands(model, prompts, args.steps)
+        results = [experiment(name, cmds[name], work, args, model, prompts) for name in args.experiments.split(",")]
     finally:
         if args.work is None:
             shutil.rmtree(work, ignore_errors=True)
