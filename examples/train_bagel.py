@@ -134,7 +134,7 @@ def main(argv=None, trainer_cls=None, config_cls=None, defaults=None, prog="trai
     eval_dataset = load_prompt_dataset(script.eval_prompts) if script.eval_prompts else None
     trainer = trainer_cls(backend, args=config, train_dataset=train, eval_dataset=eval_dataset,
                           peft_config=peft_config)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a path, or "true": the last checkpoint
     # LoRA: the adapter; full fine-tune: an official BAGEL folder (ema.safetensors, llm/vit configs, VAE, tokenizer)
     trainer.save_model(config.output_dir)
     if config.push_to_hub:

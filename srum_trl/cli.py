@@ -260,7 +260,7 @@ def run_training(trainer_cls, config_cls, argv, prog: str):
     peft_config = get_peft_config(model_config)  # target_modules None: the backend's default LoRA targets
     trainer = trainer_cls(model_config.model_name_or_path, args=config, train_dataset=train,
                           eval_dataset=eval_dataset, peft_config=peft_config)
-    trainer.train()
+    trainer.train(resume_from_checkpoint=config.resume_from_checkpoint)  # a path, or "true": the last checkpoint
     trainer.save_model(config.output_dir)
     if config.push_to_hub:
         trainer.push_to_hub()

@@ -21,8 +21,8 @@ def pytest_collection_modifyitems(config, items):
 
 @pytest.fixture(scope="module")
 def one_thread():
-    """Torch on one thread for a module: tiny models gain nothing from intra-op threads, which only contend on a
-    shared CPU. Use with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
+    """Tiny models gain nothing from intra-op threads, and spinning threads slow down badly on a shared CPU. Use it
+    in a module with `pytestmark = pytest.mark.usefixtures("one_thread")`."""
     previous = torch.get_num_threads()
     torch.set_num_threads(1)
     yield

@@ -27,13 +27,7 @@ WORDS = "a red green blue circle square triangle and does this image show is the
 PROMPTS = ["a red circle", "a blue square and a green triangle", "a green circle"]
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Tiny models gain nothing from intra-op threads, and spinning threads slow down badly on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture
@@ -452,10 +446,9 @@ def test_weighted_loss_of_the_trainer(bagel, tmp_path):
     trainer = SRUMTrainer(bagel, args=args, train_dataset=Dataset.from_dict({"prompt": PROMPTS}))
     rollout = bagel.generate(PROMPTS[:2], GenerationConfig(guidance=4.0), seed=0)
     weights = torch.rand(2, 16) * 2 - 1
-    torch.manual_seed(1)
     loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
-    torch.manual_seed(1)
-    per_token = bagel.token_losses(rollout.prompts, rollout, "conditional")
+    # the trainer draws the timesteps and noise from its per-process, per-micro-step generator
+    per_token = bagel.token_losses(rollout.prompts, rollout, "conditional", generator=trainer._generator("loss"))
     torch.testing.assert_close(loss, ((weights + 0.5) * per_token).mean())
 
 

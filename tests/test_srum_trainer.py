@@ -59,7 +59,7 @@ def test_weighted_loss_matches_hand_computation(tiny_janus, tmp_path):
     trainer = SRUMTrainer(model, args=_config(tmp_path, constraint_weight=0.5), train_dataset=_dataset(),
                           processing_class=processor)
     fixed = torch.tensor([[1.0, 2.0], [3.0, 4.0]], requires_grad=True)
-    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout: fixed
+    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout, generator=None: fixed
     rollout = Rollout(["a", "b"], [None, None], torch.zeros(2, 2, dtype=torch.long), (1, 2))
     weights = torch.tensor([[0.0, 1.0], [0.5, 0.5]])
     loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
@@ -84,7 +84,7 @@ def test_reward_baseline_centres_the_round(tiny_janus, tmp_path, baseline):
     assert weights.reshape(-1).tolist() == pytest.approx(sum(expected, []))
     assert trainer._metrics["train"]["srum/token_weight"][-1] == pytest.approx(0.5)
     # with lambda 0 the loss of equal per-token losses is then 0 with the baseline: no pull towards the samples
-    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout: torch.full((2, 2), 3.0)
+    trainer.backend.token_losses = lambda prompts, rollout, guidance, dropout, generator=None: torch.full((2, 2), 3.0)
     loss = trainer.compute_loss(trainer.model, {"rollout": rollout, "weights": weights})
     assert loss.item() == pytest.approx(0.0 if baseline == "batch" else 3.0 * 0.5)
 

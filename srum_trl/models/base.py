@@ -254,14 +254,22 @@ class UMMBackend(ABC):
     # ------------------------------------------------------------------------------------------------- training
     @abstractmethod
     def token_losses(
-        self, prompts: list[str], rollout: Rollout, loss_guidance: str = "guided", text_dropout: float = 0.0
+        self, prompts: list[str], rollout: Rollout, loss_guidance: str = "guided", text_dropout: float = 0.0, *,
+        generator: torch.Generator | None = None,
     ) -> torch.Tensor:
         """Per-token generation loss of the rollout's images, `[B, h*w]`, differentiable w.r.t. `model`.
+
+        For a discrete backend the "guided" loss is the cross-entropy of the sampled tokens under the sampling
+        policy, i.e. exactly `-token_logprobs(prompts, rollout)`; trainers rely on it to compare the sampler's
+        log-probabilities with the training forward's without a second forward.
 
         Args:
             loss_guidance: "guided" scores the logits that sampled the tokens (u + w (c - u), with the rollout's w);
                 "conditional" scores the conditional prediction alone (the paper's loss; pair it with text dropout).
             text_dropout: probability of dropping a prompt (training the unconditional prediction).
+            generator: where the loss's random draws come from (prompt-dropout coins; a flow-matching backend's
+                timesteps and noise). Trainers pass one seeded per process and micro-step, so that processes draw
+                differently and a resumed run draws the same. None: torch's global RNG.
         """
 
     def token_logprobs(self, prompts: list[str], rollout: Rollout) -> torch.Tensor:

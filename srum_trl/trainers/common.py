@@ -12,7 +12,13 @@ from ..rewards import UMMJudgeRewardFunction
 
 
 def resolve_backend(model, args, processing_class=None, peft_config=None) -> UMMBackend:
-    """A backend for `model` (path, model object or backend), with a PEFT adapter added when `peft_config` is given."""
+    """A backend for `model` (path, model object or backend), with a PEFT adapter added when `peft_config` is given.
+
+    The run's seed is set first (as the Trainer does later), so that the adapter's random initialisation is the same
+    in every run with the same `seed`."""
+    from transformers.trainer_utils import enable_full_determinism, set_seed
+
+    enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     init_kwargs = dict(args.model_init_kwargs or {})
     if not isinstance(model, (str, bytes)) and init_kwargs:
         raise ValueError("model_init_kwargs only apply when `model` is a path; the model object is already built.")
@@ -149,3 +155,35 @@ def masked_mean(values: torch.Tensor, weights: torch.Tensor | None = None) -> to
     if weights is not None:
         values = values * weights
     return values.sum() / finite.sum().clamp(min=1)
+
+
+def logp_difference(train_logps: torch.Tensor, sampling_logps: torch.Tensor) -> tuple[float, float]:
+    """Mean and max over tokens of |train - sampling| (log-probs of the same tokens), NaN entries left out (0, 0
+    when none is left)."""
+    delta = (train_logps.float() - sampling_logps.float().to(train_logps.device)).abs()
+    delta = delta[~torch.isnan(delta)]
+    if delta.numel() == 0:
+        return 0.0, 0.0
+    return float(delta.mean()), float(delta.max())
+
+
+IS_MODES = ("token_truncate", "token_mask", "sequence_truncate", "sequence_mask")
+
+
+def importance_sampling_ratio(train_logps: torch.Tensor, sampling_logps: torch.Tensor, mode: str = "token_truncate",
+                              clip_min: float | None = None, clip_max: float | None = 3.0) -> torch.Tensor:
+    """TRL's correction for a sampler whose numerics differ from the training forward's (its
+    `vllm_importance_sampling_*`): the weights `exp(train - sampling)` per token `[B, T]` ("token_*" modes) or per
+    image `[B, 1]` (exp of the summed difference, "sequence_*"), clipped to `[clip_min, clip_max]` ("*_truncate") or
+    set to 0 outside it ("*_mask"). A token whose sampling log-prob is NaN gets weight 1."""
+    if mode not in IS_MODES:
+        raise ValueError(f"importance_sampling_mode must be one of {IS_MODES}, got {mode!r}.")
+    diff = torch.nan_to_num(train_logps.float() - sampling_logps.float().to(train_logps.device), nan=0.0)
+    if mode.startswith("sequence"):
+        diff = diff.sum(-1, keepdim=True)
+    ratio = torch.exp(diff)
+    if mode.endswith("truncate"):
+        return torch.clamp(ratio, min=clip_min, max=clip_max)
+    low = -math.inf if clip_min is None else clip_min
+    high = math.inf if clip_max is None else clip_max
+    return ratio.masked_fill((ratio < low) | (ratio > high), 0.0)

@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl.trainer.base_config import _BaseConfig
 
 from .config_checks import TRAINING_AT_LEAST_ONE, TRAINING_NON_NEGATIVE, check_ranges
+from .config_base import UMMConfigBase, shared_fields_doc
 
 _MODES = ("grpo", "sft")
 _LOSS_TYPES = ("grpo", "dr_grpo", "dapo", "bnpo")
@@ -18,7 +19,7 @@ _JUDGE_MODES = ("logits", "text")
 
 
 @dataclass
-class GRPOUMMConfig(_BaseConfig):
+class GRPOUMMConfig(UMMConfigBase):
     r"""
     Configuration class for [`GRPOUMMTrainer`]: GRPO on the image tokens of a unified multimodal model, as in UniRL
     (arXiv 2505.23380), with the model's own judge as reward, optional dense per-token advantages from the judge's
@@ -146,7 +147,8 @@ class GRPOUMMConfig(_BaseConfig):
     learning_rate: float = field(default=1e-6, metadata={"help": "AdamW learning rate (TRL's GRPO default)."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is used (not with use_cpu), off "
+                  "otherwise."},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -227,12 +229,7 @@ class GRPOUMMConfig(_BaseConfig):
         check_ranges(self, TRAINING_AT_LEAST_ONE + ("generation_batch_size", "generation_chunk_size", "top_k",
                                                     "region_grid", "max_completion_length"),
                      TRAINING_NON_NEGATIVE)
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported()) or self.use_cpu
-        super().__post_init__()
+        super().__post_init__()  # bf16 default: UMMConfigBase
         self.scale_rewards = {True: "group", False: "none", "true": "group", "false": "none"}.get(
             self.scale_rewards, self.scale_rewards
         )
@@ -253,6 +250,9 @@ class GRPOUMMConfig(_BaseConfig):
             raise ValueError(f"temperature must be > 0, got {self.temperature}.")
         if self.beta < 0:
             raise ValueError(f"beta must be >= 0, got {self.beta}.")
+        if self.mode == "sft" and self.importance_sampling_correction:
+            raise ValueError("importance_sampling_correction applies to mode='grpo' (its ratios); self-SFT logs the "
+                             "log-prob mismatch without correcting it.")
         if self.mode == "sft" and self.beta > 0:
             raise ValueError("beta (the KL term) applies to mode='grpo' only; set beta=0 for self-SFT.")
         if self.num_iterations < 1:
@@ -311,3 +311,10 @@ class GRPOUMMConfig(_BaseConfig):
                 f"({self.num_generations}): a generation round holds whole groups. Raise per_device_train_batch_size "
                 "or steps_per_generation."
             )
+
+
+# the fields shared with SRUMConfig (overwrite_output_dir, importance_sampling_*) are documented in config_base
+GRPOUMMConfig.__doc__ = GRPOUMMConfig.__doc__.rstrip() + shared_fields_doc(
+    "The round's log-probabilities are then always recomputed (TRL's rule), one\n"
+    "            no-gradient forward over each round; the weight multiplies the clipped surrogate, before the KL\n"
+    '            term. Mode "grpo" only.')

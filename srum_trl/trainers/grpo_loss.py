@@ -45,6 +45,7 @@ def grpo_loss(
     max_completion_length: int | None = None,
     num_items: float | torch.Tensor | None = None,
     exact_kl: torch.Tensor | None = None,
+    importance_sampling_ratio: torch.Tensor | None = None,
 ) -> GRPOLossOutput:
     """TRL's GRPO loss on tensors.
 
@@ -53,7 +54,8 @@ def grpo_loss(
     `KL_t = exp(ref - logp) - (ref - logp) - 1`; then, over the masked tokens:
     "grpo" the mean over sequences of each sequence's token mean; "bnpo" the token mean; "dr_grpo" the sum over
     `B * max_completion_length`; "dapo" the sum over `num_items` (the mean number of tokens per micro-batch of
-    the generation round; default: the tokens of this batch).
+    the generation round; default: the tokens of this batch). `importance_sampling_ratio` (`[B, T]` or `[B, 1]`,
+    TRL's correction for the sampler's numerics) multiplies the clipped surrogate before the KL term is added.
 
     Args:
         per_token_logps, old_per_token_logps, ref_per_token_logps, mask: `[B, T]`.
@@ -78,6 +80,8 @@ def grpo_loss(
     coef_1 = torch.exp(log_weights)
     coef_2 = torch.clamp(coef_1, 1 - epsilon_low, 1 + epsilon_high)
     per_token_loss = -torch.min(coef_1 * advantages, coef_2 * advantages)
+    if importance_sampling_ratio is not None:
+        per_token_loss = per_token_loss * importance_sampling_ratio.to(per_token_loss.device, per_token_loss.dtype)
     per_token_kl = None
     if beta != 0.0:
         if exact_kl is not None:

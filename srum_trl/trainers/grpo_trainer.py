@@ -140,6 +140,7 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
         )
         if self.ref_backend is not None and self.ref_backend is not self.backend:
             self.ref_backend.model.to(self.accelerator.device)
+        self._check_sampling_correction()
         self._init_state()
         self._last_round = None
 
@@ -195,15 +196,11 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
             is_training=True,
         )
 
-    def _get_train_sampler(self, dataset=None) -> Sampler:
-        return RepeatSampler(
-            data_source=dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=self.num_generations,
-            batch_size=self.args.generation_batch_size // self.num_generations,
-            repeat_count=self.args.num_iterations * self.args.steps_per_generation,
-            shuffle=self.args.shuffle_dataset,
-            seed=self.args.seed,
-        )
+    def _train_sampler_layout(self) -> dict:
+        return dict(mini_repeat_count=self.num_generations,
+                    batch_size=self.args.generation_batch_size // self.num_generations,
+                    repeat_count=self.args.num_iterations * self.args.steps_per_generation,
+                    shuffle=self.args.shuffle_dataset)
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler:
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.num_generations, seed=self.args.seed)
@@ -228,23 +225,13 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
             columns.append(check_rewards(values, len(images), name))
         return torch.tensor(columns, dtype=torch.float32).T.contiguous(), token_maps
 
-    @torch.no_grad()
-    def _batched_logprobs(self, backend, rollout) -> torch.Tensor:
-        size = self.args.per_device_train_batch_size
-        parts = []
-        for i in range(0, len(rollout), size):
-            part = rollout.select(slice(i, i + size))
-            parts.append(backend.token_logprobs(part.prompts, part).float())
-        return torch.cat(parts)
-
     def _generate_and_score(self, batch: list[dict], mode: str) -> dict:
         """Generate and score one round; return its advantages (or SFT weights) and log-probs, all local."""
         metrics, device, args = self._metrics[mode], self.accelerator.device, self.args
         prompts = [row["prompt"] for row in batch]
         t0 = time.perf_counter()
-        seed = args.seed * 1_000_003 + self.state.global_step * 101 + self._step * 7 + args.process_index
         generation = self._flow_generation() if self._flow else self.generation
-        rollout = self._as_forward(self.backend.generate, prompts, generation, seed=seed)
+        rollout = self._as_forward(self.backend.generate, prompts, generation, seed=self._seed("rollout"))
         t1 = time.perf_counter()
         judges = [f for f in self.reward_funcs if isinstance(f, UMMJudgeRewardFunction)]
         unparsed_before = sum(f.stats["unparsed"] for f in judges)
@@ -289,12 +276,14 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
         if self._flow:
             return self._flow_finish_round(out, mode)
         generate_every = args.steps_per_generation * args.num_iterations
-        out["old_logps"] = None
-        if mode == "train" and args.gradient_accumulation_steps % generate_every != 0:
+        out["old_logps"] = out["is_ratio"] = None
+        correct = mode == "train" and args.importance_sampling_correction
+        if mode == "train" and (args.gradient_accumulation_steps % generate_every != 0 or correct):
             out["old_logps"] = self._as_forward(self._batched_logprobs, self.backend, rollout).cpu()
-            if rollout.logprobs is not None:
-                diff = (out["old_logps"] - rollout.logprobs.float().cpu()).abs()
-                metrics["sampling/sampling_logp_difference/mean"].append(nanmean(self._gather([float(diff.mean())])))
+            if correct:
+                out["is_ratio"] = self._sampling_correction(metrics, rollout, out["old_logps"])
+            elif rollout.logprobs is not None:
+                self._log_sampling_mismatch(metrics, out["old_logps"], rollout.logprobs)
         out["ref_logps"] = None
         if self.ref_backend is self.backend:  # PEFT: the model with its adapters disabled
             with self.backend.frozen():
@@ -332,7 +321,7 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
             rows = perm[i : i + size]
             item = {"rollout": round_["rollout"].select(rows), "advantages": round_["advantages"][rows],
                     "num_items": round_["num_items"]}
-            for key in ("old_logps", "ref_logps"):
+            for key in ("old_logps", "ref_logps", "is_ratio"):
                 item[key] = round_[key][rows] if round_[key] is not None else None
             batches.append(item)
         return batches
@@ -350,12 +339,18 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
         mode = "train" if model.training else "eval"
         rollout = inputs["rollout"]
+        # the round's first micro-step: the weights are still those that sampled it
+        first_of_round = self._step % (self.args.steps_per_generation * self.args.num_iterations) == 0
         if self.args.mode == "sft":
             dropout = self.args.sft_text_dropout if model.training else 0.0
             with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
                 per_token = self._as_forward(
-                    self.backend.token_losses, rollout.prompts, rollout, self.args.sft_loss_guidance, dropout
+                    self.backend.token_losses, rollout.prompts, rollout, self.args.sft_loss_guidance, dropout,
+                    generator=self._generator("loss"),
                 )
+            if mode == "train" and first_of_round and rollout.logprobs is not None:
+                self._log_sampling_mismatch(self._metrics[mode], self._policy_logps(
+                    rollout, per_token, self.args.sft_loss_guidance), rollout.logprobs)
             weights = inputs["sft_weights"].to(per_token.device, per_token.dtype)
             normaliser = inputs.get("num_items") or float(weights.sum()) * per_token.shape[1]
             loss = (weights[:, None] * per_token).sum() / max(normaliser, 1.0)
@@ -368,6 +363,8 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
         with self.backend.using(model):
             logps = self._as_forward(self.backend.token_logprobs, rollout.prompts, rollout)
         old = inputs.get("old_logps")
+        if mode == "train" and first_of_round and old is None and rollout.logprobs is not None:
+            self._log_sampling_mismatch(self._metrics[mode], logps.detach(), rollout.logprobs)
         out = grpo_loss(
             logps,
             logps.detach() if old is None else old,
@@ -380,6 +377,7 @@ class GRPOUMMTrainer(FlowGRPOMixin, UMMTrainerBase):
             importance_sampling_level=self.args.importance_sampling_level,
             max_completion_length=self.max_completion_length,
             num_items=inputs.get("num_items"),
+            importance_sampling_ratio=inputs.get("is_ratio"),
         )
         keys = list(out.metrics)
         gathered = self._gather([out.metrics[k] for k in keys])  # process after process

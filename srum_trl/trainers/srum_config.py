@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 from trl.trainer.base_config import _BaseConfig
 
 from .config_checks import TRAINING_AT_LEAST_ONE, TRAINING_NON_NEGATIVE, check_ranges
+from .config_base import UMMConfigBase, shared_fields_doc
 
 _LOSS_GUIDANCE = ("guided", "conditional")
 _JUDGE_MODES = ("logits", "text")
@@ -15,7 +16,7 @@ _LOCAL_CREDITS = ("map", "object")
 
 
 @dataclass
-class SRUMConfig(_BaseConfig):
+class SRUMConfig(UMMConfigBase):
     r"""
     Configuration class for [`SRUMTrainer`] (SRUM, arXiv 2510.12784): the model generates images for prompts,
     judges them with its own understanding side into dense reward maps R, and trains on its own images with the
@@ -126,7 +127,8 @@ class SRUMConfig(_BaseConfig):
     max_grad_norm: float = field(default=1.0, metadata={"help": "Gradient clipping norm."})
     bf16: bool | None = field(
         default=None,
-        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is present, off otherwise."},
+        metadata={"help": "bf16 mixed precision; default: on where a bf16 GPU is used (not with use_cpu), off "
+                  "otherwise."},
     )
     gradient_checkpointing: bool | None = field(
         default=None,
@@ -196,12 +198,7 @@ class SRUMConfig(_BaseConfig):
     def __post_init__(self):
         check_ranges(self, TRAINING_AT_LEAST_ONE + ("generation_batch_size", "top_k", "region_grid"),
                      TRAINING_NON_NEGATIVE + ("save_reward_maps",))
-        if self.bf16 is None and not self.fp16:
-            # TRL turns bf16 on by default, which transformers refuses on machines without a bf16 GPU: decide here.
-            import torch
-
-            self.bf16 = bool(torch.cuda.is_available() and torch.cuda.is_bf16_supported())
-        super().__post_init__()
+        super().__post_init__()  # bf16 default: UMMConfigBase
         if self.loss_guidance not in _LOSS_GUIDANCE:
             raise ValueError(f"loss_guidance must be one of {_LOSS_GUIDANCE}, got {self.loss_guidance!r}.")
         if self.reward_baseline not in _REWARD_BASELINES:
@@ -244,3 +241,7 @@ class SRUMConfig(_BaseConfig):
             raise ValueError(f"reward_weights must be >= 0 (a weighted mean), got {self.reward_weights}.")
         if not (self.use_global_reward or self.use_local_reward):
             raise ValueError("use_global_reward and use_local_reward are both False: nothing would be judged.")
+
+
+# the fields shared with GRPOUMMConfig (overwrite_output_dir, importance_sampling_*) are documented in config_base
+SRUMConfig.__doc__ = SRUMConfig.__doc__.rstrip() + shared_fields_doc("Costs one no-gradient forward over each round.")

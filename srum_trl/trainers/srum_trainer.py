@@ -72,6 +72,10 @@ class GroupRowSampler(Sampler):
     def __len__(self) -> int:
         return len(self.groups)
 
+    def set_epoch(self, epoch: int) -> None:
+        if hasattr(self.groups, "set_epoch"):  # the epoch's order of the groups (`EpochRepeatSampler`)
+            self.groups.set_epoch(epoch)
+
 
 class SRUMTrainer(UMMTrainerBase):
     """Trainer for SRUM, on TRL's trainer base (logging, checkpoints, model cards, `push_to_hub`).
@@ -175,6 +179,10 @@ class SRUMTrainer(UMMTrainerBase):
                 f"per_device_eval_batch_size ({args.per_device_eval_batch_size}) must be divisible by num_generations "
                 f"({args.num_generations}): an eval batch holds whole groups."
             )
+        if args.importance_sampling_correction and self.offline:
+            raise ValueError("importance_sampling_correction compares the sampler's log-probabilities with the "
+                             "policy's at sampling time: it needs on-the-fly rollouts, not a rollout store.")
+        self._check_sampling_correction()
         self._init_state()
         self._last_round: tuple | None = None
 
@@ -190,20 +198,18 @@ class SRUMTrainer(UMMTrainerBase):
             is_training=True,
         )
 
-    def _get_train_sampler(self, dataset=None) -> Sampler:
+    def _train_sampler_layout(self) -> dict:
         # one chunk = the round of every process; accelerate deals its consecutive batches out to the processes.
         # Offline rollouts are rows already: whole prompt groups are drawn, each row once.
         repeats = self.args.num_generations
         round_size = self._train_batch_size * self.args.steps_per_generation * self.accelerator.num_processes
-        sampler = RepeatSampler(
-            data_source=self._groups if self.offline else dataset if dataset is not None else self.train_dataset,
-            mini_repeat_count=repeats,
-            batch_size=round_size // repeats,
-            repeat_count=self.args.steps_per_generation,
-            shuffle=True,
-            seed=self.args.seed,
-        )
-        return GroupRowSampler(sampler, self._groups) if self.offline else sampler
+        return dict(mini_repeat_count=repeats, batch_size=round_size // repeats,
+                    repeat_count=self.args.steps_per_generation, shuffle=True)
+
+    def _get_train_sampler(self, dataset=None):
+        if not self.offline:
+            return super()._get_train_sampler(dataset)
+        return GroupRowSampler(super()._get_train_sampler(self._groups), self._groups)
 
     def _get_eval_sampler(self, eval_dataset) -> Sampler:
         return RepeatSampler(data_source=eval_dataset, mini_repeat_count=self.args.num_generations, shuffle=False)
@@ -252,8 +258,7 @@ class SRUMTrainer(UMMTrainerBase):
         else:
             prompts = [row["prompt"] for row in batch]
             t0 = time.perf_counter()
-            seed = self.args.seed * 1_000_003 + self.state.global_step * 101 + self._step + self.args.process_index
-            rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=seed)
+            rollout = self._as_forward(self.backend.generate, prompts, self.generation, seed=self._seed("rollout"))
             t1 = time.perf_counter()
             columns = {k: [row[k] for row in batch] for k in batch[0] if k not in ("prompt", "completion")}
             extra = (columns,) if columns else ()  # a `_judge(rollout, mode)` override keeps working
@@ -293,7 +298,11 @@ class SRUMTrainer(UMMTrainerBase):
             credit = object_credit(prompts, regions, rollout.images[0].size, rollout.grid)[mine]
             metrics["srum/object_credit"].append(nanmean(self._gather([float(credit.abs().mean())])))
             weights = weights + self.args.local_credit_weight / 4 * credit
-        return {"rollout": rollout, "weights": weights}
+        round_ = {"rollout": rollout, "weights": weights}
+        if mode == "train" and self.args.importance_sampling_correction:
+            train_logps = self._as_forward(self._batched_logprobs, self.backend, rollout).cpu()
+            round_["is_ratio"] = self._sampling_correction(metrics, rollout, train_logps)
+        return round_
 
     def _gather_objects(self, values: list) -> list:
         """`values` (picklable, one per local image) of every process, concatenated in process order."""
@@ -306,11 +315,11 @@ class SRUMTrainer(UMMTrainerBase):
         spg = self.args.steps_per_generation
         if self._step % spg == 0 or self._buffer is None:
             round_ = self._make_round(batch, mode)
-            rollout, weights = round_["rollout"], round_["weights"]
-            size = math.ceil(len(rollout) / spg)
+            size = math.ceil(len(round_["rollout"]) / spg)
             self._buffer = [
-                {"rollout": rollout.select(slice(i, i + size)), "weights": weights[i : i + size]}
-                for i in range(0, len(rollout), size)
+                {key: value.select(slice(i, i + size)) if key == "rollout" else value[i : i + size]
+                 for key, value in round_.items()}
+                for i in range(0, len(round_["rollout"]), size)
             ]
         return self._buffer[self._step % len(self._buffer)]
 
@@ -320,12 +329,19 @@ class SRUMTrainer(UMMTrainerBase):
         dropout = self.args.text_dropout if model.training else 0.0
         with self.backend.using(model):  # through the DDP / FSDP wrapper, so gradients are synchronised
             per_token = self._as_forward(
-                self.backend.token_losses, rollout.prompts, rollout, self.args.loss_guidance, dropout
+                self.backend.token_losses, rollout.prompts, rollout, self.args.loss_guidance, dropout,
+                generator=self._generator("loss"),
             )
         # an image whose map is NaN (no verdict: unparsed answer, reward functions without a score) is left out
         weight = torch.nan_to_num(weights.to(per_token.device, per_token.dtype) + self.args.constraint_weight, nan=0.0)
+        if "is_ratio" in inputs:
+            weight = weight * inputs["is_ratio"].to(per_token.device, per_token.dtype)
         loss = (weight * per_token).mean()  # every process holds as many images: DDP / FSDP's mean is the global one
         mode = "train" if model.training else "eval"
+        first_of_round = self._step % self.args.steps_per_generation == 0
+        if mode == "train" and first_of_round and rollout.logprobs is not None and "is_ratio" not in inputs:
+            policy = self._policy_logps(rollout, per_token, self.args.loss_guidance)
+            self._log_sampling_mismatch(self._metrics[mode], policy, rollout.logprobs)
         self._metrics[mode]["srum/token_loss"].append(nanmean(self._gather([float(per_token.detach().mean())])))
         return (loss, None) if return_outputs else loss
 

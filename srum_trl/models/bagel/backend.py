@@ -279,9 +279,10 @@ class BagelBackend(UMMBackend):
         return images
 
     # ------------------------------------------------------------------------------------------- training
-    def token_losses(self, prompts, rollout, loss_guidance="guided", text_dropout=0.0):
+    def token_losses(self, prompts, rollout, loss_guidance="guided", text_dropout=0.0, *, generator=None):
         """Flow-matching MSE per latent token `[B, h*w]` (mean over the 64 numbers of each 2x2 patch token), with a
-        fresh `t = sigmoid(n)` per image and fresh noise (torch's RNG; seed it for reproducibility).
+        fresh `t = sigmoid(n)` per image and fresh noise, drawn from `generator` (on the CPU) or, when None, from
+        torch's global RNG.
 
         "conditional": the conditional velocity (prompts dropped to the empty context with probability
         `text_dropout`: the paper's loss). "guided": the CFG velocity that the sampler would use at that t
@@ -293,8 +294,12 @@ class BagelBackend(UMMBackend):
         cfg = self.config
         x0 = latents_to_tokens(rollout.tokens.to(device=device, dtype=torch.float32), cfg.latent_patch_size)
         B = x0.shape[0]
-        t = shift_timesteps(torch.sigmoid(torch.randn(B, device=device)), cfg.timestep_shift)
-        eps = torch.randn_like(x0)
+        if generator is None:
+            n, eps = torch.randn(B, device=device), torch.randn_like(x0)
+        else:
+            n = torch.randn(B, generator=generator).to(device)
+            eps = torch.randn(x0.shape, generator=generator).to(device)
+        t = shift_timesteps(torch.sigmoid(n), cfg.timestep_shift)
         x_t = (1 - t[:, None, None]) * x0 + t[:, None, None] * eps
         target = eps - x0
         rows = [self._prompt_ids(p) for p in prompts]
@@ -312,7 +317,7 @@ class BagelBackend(UMMBackend):
             v = torch.where(inside, v_g, v_c)
         else:
             if text_dropout > 0:
-                drop = (torch.rand(B) < text_dropout).tolist()
+                drop = (torch.rand(B, generator=generator) < text_dropout).tolist()
                 rows = [[] if d else r for r, d in zip(rows, drop)]
             ids, valid = self._left_pad(rows)
             v = self._call("context_velocity", ids=ids, valid=valid, x_t=x_t, t=t, grid=grid,

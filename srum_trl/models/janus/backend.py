@@ -469,7 +469,7 @@ class JanusBackend(UMMBackend):
         return answers
 
     # ---------------------------------------------------------------------------------------------- training
-    def _policy_logits(self, prompts, rollout: Rollout, loss_guidance: str, text_dropout: float):
+    def _policy_logits(self, prompts, rollout: Rollout, loss_guidance: str, text_dropout: float, generator=None):
         ids, mask = self.tokenize_prompts(prompts)
         tokens = rollout.tokens.to(ids.device)
         if loss_guidance == "guided" and rollout.guidance != 1.0:
@@ -479,15 +479,18 @@ class JanusBackend(UMMBackend):
             logits = uncond + rollout.guidance * (cond - uncond)
         elif loss_guidance in ("guided", "conditional"):
             if text_dropout > 0:
-                drop = torch.rand(ids.shape[0], device=ids.device) < text_dropout
+                if generator is None:
+                    drop = torch.rand(ids.shape[0], device=ids.device) < text_dropout
+                else:
+                    drop = (torch.rand(ids.shape[0], generator=generator) < text_dropout).to(ids.device)
                 ids = torch.where(drop[:, None], self.unconditional_ids(ids), ids)
             logits = self.image_logits(ids, mask, tokens).float()
         else:
             raise ValueError(f"loss_guidance must be 'guided' or 'conditional', got {loss_guidance!r}.")
         return logits / rollout.temperature, tokens
 
-    def token_losses(self, prompts, rollout, loss_guidance="guided", text_dropout=0.0):
-        logits, tokens = self._policy_logits(prompts, rollout, loss_guidance, text_dropout)
+    def token_losses(self, prompts, rollout, loss_guidance="guided", text_dropout=0.0, *, generator=None):
+        logits, tokens = self._policy_logits(prompts, rollout, loss_guidance, text_dropout, generator)
         return F.cross_entropy(logits.transpose(1, 2), tokens, reduction="none")
 
     def token_logprobs(self, prompts, rollout):
