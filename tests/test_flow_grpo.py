@@ -258,7 +258,7 @@ def test_flow_grpo_trains_the_lora_adapter_with_dense_advantages_and_exact_kl(ba
 
 @pytest.mark.parametrize("sign", [1.0, -1.0])
 def test_flow_grpo_raises_a_reward_on_the_latents(tmp_path, sign):
-    """The policy gradient has the right sign: 5 rounds of flow GRPO (LoRA, SDE window) raise a reward that reads the
+    """The policy gradient has the right sign: 10 rounds of flow GRPO (LoRA, SDE window) raise a reward that reads the
     latents (+/- the mean of latent channel 0), measured on fixed-seed ODE samples before and after."""
     from peft import LoraConfig
 
@@ -272,7 +272,7 @@ def test_flow_grpo_raises_a_reward_on_the_latents(tmp_path, sign):
 
     before = evaluate()
     trainer = GRPOUMMTrainer(bagel, reward_funcs=[_alternating],
-                             args=_config(tmp_path, per_device_train_batch_size=16, num_generations=8, max_steps=5,
+                             args=_config(tmp_path, per_device_train_batch_size=16, num_generations=8, max_steps=10,
                                           guidance_scale=1.0, warmup_steps=0),
                              train_dataset=Dataset.from_dict({"prompt": PROMPTS[:2]}),
                              peft_config=LoraConfig(r=8, lora_alpha=16))

@@ -181,8 +181,8 @@ def test_cli_generate_and_score(pretrained, tmp_path, capsys):
     prompts.write_text("\n".join(PROMPTS) + "\n")
     out = tmp_path / "images"
     cli(["generate", "--model", model_dir, "--prompts", str(prompts), "--out", str(out), "--seed", "0"])
-    files = sorted(os.listdir(out))
-    assert files == ["00000.png", "00001.png", "00002.png"]
+    files = sorted(f for f in os.listdir(out) if f.endswith(".png"))
+    assert files == ["00000.png", "00001.png", "00002.png"] and os.path.exists(out / "images.json")
     assert all(Image.open(out / f).size == (64, 64) and Image.open(out / f).mode == "RGB" for f in files)
     # without flags, the folder's own sampler settings: the same images as its default generation config
     backend = load_backend(model_dir, dtype="float32")

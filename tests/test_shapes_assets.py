@@ -114,7 +114,7 @@ def test_flow_generate_with_adapter_then_shapes_eval(tmp_path):
     out = tmp_path / "images"
     main(["generate", "--model", assets.flow_base_model_path(), "--adapter", assets.flow_srum_lora_path(),
           "--prompts", str(prompts), "--out", str(out), "--seed", "0"])
-    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png"]
+    assert sorted(os.listdir(out)) == ["00000.png", "00001.png", "00002.png", "images.json"]
     main(["shapes", "eval", "--images", str(out), "--prompts", str(prompts)])
     assert json.load(open(out / "shapes_eval.json"))["num_images"] == 3
 
