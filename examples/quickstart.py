@@ -6,11 +6,11 @@ exact scorer, which says whether an image shows exactly what its prompt asks for
 1. The shipped SRUM adapter against its base model on the same held-out prompts and the same seeds
    (`srum-trl eval --protocol shapes --compare_base`): the accuracy of each, and the paired difference with its
    standard error.
-2. Your own short SRUM run with the recipe that the evidence supports (`SRUMTrainer`, 8 images per prompt, the
-   judge's global score minus the mean of the prompt's images), saving a LoRA adapter and a reward-map picture.
-3. On a GPU (or with `--evaluate_yours` on a CPU): your adapter on the same held-out prompts and seeds, against the
-   same base images. On a CPU the step is left out to stay within about 5 minutes, and the command that runs it is
-   printed instead.
+2. Your own short SRUM run with the shipped adapter's recipe (`SRUMTrainer`, 8 images per prompt, the judge's
+   global score minus the mean of the prompt's images, plus each region's score against the same object in the
+   prompt's other images), saving a LoRA adapter and a reward-map picture.
+3. Your adapter on the same held-out prompts and seeds, against the same base images (`--no-evaluate_yours` leaves
+   it out and prints the command that runs it).
 
 Runs on a GPU when there is one (the same steps, faster).
 
@@ -66,13 +66,13 @@ def main():
     quiet()
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--output_dir", default="runs/quickstart")
-    parser.add_argument("--num_prompts", type=int, default=512, help="held-out prompts scored per model")
+    parser.add_argument("--num_prompts", type=int, default=256, help="held-out prompts scored per model")
     parser.add_argument("--max_steps", type=int, default=3, help="steps of your SRUM run")
     parser.add_argument("--prompts_per_step", type=int, default=2, help="x 8 images each")
     parser.add_argument("--learning_rate", type=float, default=3e-4)
     parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--evaluate_yours", action=argparse.BooleanOptionalAction, default=None,
-                        help="score your adapter on the held-out prompts too (default: on a GPU only)")
+    parser.add_argument("--evaluate_yours", action=argparse.BooleanOptionalAction, default=True,
+                        help="score your adapter on the held-out prompts too")
     args = parser.parse_args()
     start = time.perf_counter()
     device = "cuda" if torch.cuda.is_available() else "cpu"
@@ -92,7 +92,7 @@ def main():
     print(report["table"])
     base, shipped = report["models"]["base"], report["models"]["srum-lora"]
     print(f"\n     Each cell: the share of images that the exact scorer accepts (all objects, colours, counts and the "
-          f"relation right,\n     nothing extra), ± its standard error. The shipped adapter (SRUMTrainer, 100 steps "
+          f"relation right,\n     nothing extra), ± its standard error. The shipped adapter (SRUMTrainer, 300 steps "
           f"of 128 images on a GPU,\n     docs/shapes.md) against the base: {_difference(report['differences']['srum-lora'])}."
           f"\n     ({time.perf_counter() - start:.0f} s so far)\n")
 
@@ -102,12 +102,14 @@ def main():
           f"learning rate {args.learning_rate:g}, LoRA r 32")
     config = SRUMConfig(
         output_dir=os.path.join(args.output_dir, "adapter"), max_steps=steps, per_device_train_batch_size=batch,
-        num_generations=8, reward_baseline="prompt", constraint_weight=0.0, learning_rate=args.learning_rate,
+        num_generations=8, reward_baseline="prompt", local_credit="object", constraint_weight=0.0,
+        learning_rate=args.learning_rate,
         warmup_steps=0, guidance_scale=2.0, seed=args.seed, logging_steps=1, save_strategy="no",
-        report_to="none", save_reward_maps=1, disable_tqdm=True)
+        report_to="none", save_reward_maps=1, disable_tqdm=True,
+        model_init_kwargs={"dtype": "float32"})  # as the evidence trained it (the folder's weights are bfloat16)
     trainer = SRUMTrainer(
         assets.base_model_path(),
-        reward_funcs=[make_shapes_judge(use_local=False)],  # the model's own judge, global score only
+        reward_funcs=[make_shapes_judge()],  # the model's own judge: a global score and a score per region
         args=config,
         train_dataset=Dataset.from_dict({"prompt": train_prompts()}),
         peft_config=LoraConfig(r=32, lora_alpha=64),
@@ -122,11 +124,10 @@ def main():
     picture = os.path.join(args.output_dir, "reward_map.png")
     os.replace(os.path.join(config.output_dir, "reward_maps", pictures[-1]), picture)
     print(f"     ({time.perf_counter() - start:.0f} s so far)\n")
-    evaluate_yours = device == "cuda" if args.evaluate_yours is None else args.evaluate_yours
-    if not evaluate_yours:
-        print(f"3/3  Your adapter is not scored on a CPU by default (another {args.num_prompts} images). A run this "
+    if not args.evaluate_yours:
+        print(f"3/3  Your adapter is not scored (--no-evaluate_yours; another {args.num_prompts} images). A run this "
               f"short ({steps * batch} images)\n     is not expected to show a significant gain: the shipped adapter saw "
-              "12,800. To measure yours, paired with the base:\n"
+              "38,400. To measure yours, paired with the base:\n"
               f"     srum-trl eval --protocol shapes --model {assets.base_model_path()} --adapter {config.output_dir} "
               f"--compare_base \\\n         --prompts {heldout} --guidance_scale 2 --batch_size {args.num_prompts} "
               f"--seed 1234 --out {os.path.join(args.output_dir, 'eval_yours')}")
@@ -146,7 +147,7 @@ def main():
     print(f"     yours against the base: {_difference(d)}.")
     if not abs(d["mean"]) >= 2 * d["se"] > 0:
         print(f"     A run this short ({steps * batch} images) is not expected to show a significant gain: the shipped "
-              "adapter saw 12,800\n     (python -m srum_trl.shapes.evidence reproduces it on a GPU in a few minutes).")
+              "adapter saw 38,400\n     (python -m srum_trl.shapes.evidence reproduces it on a GPU in a few minutes).")
     print(f"\nYour LoRA adapter: {config.output_dir}; reward-map picture (an image beside the judge's map): {picture};"
           f"\ntables and per-image scores: {settings.out} and {os.path.join(args.output_dir, 'eval_yours')}.")
     print(f"Wall time: {time.perf_counter() - start:.0f} s")
