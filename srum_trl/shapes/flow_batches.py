@@ -11,6 +11,8 @@
   has the same length and the model sees what `BagelBackend.yes_probability` would show it. Rows are padded in the
   middle (between the image block and the text) rather than on the left: masked positions do not change what the
   valid ones compute.
+- One pretraining step: [`draw_batch`] makes every random choice on the device, [`batch_losses`] computes the
+  losses from it with static shapes and no host synchronisation (what `torch.compile` fuses).
 """
 
 from __future__ import annotations
