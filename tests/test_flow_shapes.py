@@ -245,3 +245,25 @@ def test_dropped_prompt_is_the_unconditional_context(flow):
 
 def test_tiny_scale_is_the_smoke_scale():
     assert SCALES["tiny"].workers == 0 and SCALES["full"].time_budget_s <= 8 * 60
+
+
+def test_place_tokens_is_masked_scatter():
+    """The sync-free placement of ViT tokens equals `masked_scatter` of the valid tokens, values and gradients."""
+    from srum_trl.models.bagel.modeling import place_tokens
+
+    g = torch.Generator().manual_seed(0)
+    valid = torch.rand(3, 5, generator=g) < 0.6
+    valid[1] = False  # an image with no valid token
+    count = int(valid.sum())
+    slots = torch.zeros(4, 9, dtype=torch.bool)
+    where = torch.randperm(slots.numel(), generator=g)[:count]
+    slots.view(-1)[where] = True
+    h = torch.randn(4, 9, 6, generator=g)
+    feats = torch.randn(3, 5, 6, generator=g, requires_grad=True)
+    ref = h.masked_scatter(slots[..., None], feats[valid])
+    mine = place_tokens(h, slots, feats, valid)
+    assert torch.equal(mine, ref)
+    weight = torch.randn(4, 9, 6, generator=g)
+    (grad_ref,) = torch.autograd.grad((ref * weight).sum(), feats)
+    (grad_mine,) = torch.autograd.grad((mine * weight).sum(), feats)
+    assert torch.equal(grad_mine, grad_ref)

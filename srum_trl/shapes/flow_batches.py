@@ -11,6 +11,8 @@
   has the same length and the model sees what `BagelBackend.yes_probability` would show it. Rows are padded in the
   middle (between the image block and the text) rather than on the left: masked positions do not change what the
   valid ones compute.
+- One pretraining step: [`draw_batch`] makes every random choice on the device, [`batch_losses`] computes the
+  losses from it with static shapes and no host synchronisation (what `torch.compile` fuses).
 """
 
 from __future__ import annotations
@@ -19,9 +21,11 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..models.bagel.backend import shift_timesteps
 from ..models.bagel.processing import add_special_tokens, encode_text, navit_size
 from .questions import CAPTION_QUESTION, NO, YES, all_local_questions, global_question
 from .scenes import resize_weights
+from .world import IMAGE_SIZE
 
 
 class FlowTextTables:
@@ -165,3 +169,58 @@ def answer_losses(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
     token_loss = F.cross_entropy(logits[:, :-1].float().transpose(1, 2), target, ignore_index=-100, reduction="none")
     mask = (target != -100).float()
     return (token_loss * mask).sum(1) / mask.sum(1).clamp(min=1)
+
+
+def draw_batch(pool, tables: FlowTextTables, canvas: NavitCanvas, strata: dict, cfg, timestep_shift: float,
+               generator) -> dict:
+    """Every random choice of one pretraining step, made on the pool's device: a flow-matching batch (`gen`: the
+    prompt rows, `cfg.uncond_prob` of them dropped, noised latents `x_t` at logit-normal times `t`, the velocity
+    `target`) and an understanding batch (`und`: the model's keyword arguments, `labels`, `answer_index`, `n_und`
+    yes/no rows then captions, `is_global`). `cfg` gives the batch sizes and augmentations (`FlowPretrainConfig`)."""
+    device = pool.images.device
+    positives = strata["caption"][0]
+    pick = positives[torch.randint(0, len(positives), (cfg.gen_batch,), device=device, generator=generator)]
+    ids, valid = tables.gen_ids[pool.prompt[pick]], tables.gen_valid[pool.prompt[pick]]
+    drop = torch.rand(len(pick), device=device, generator=generator) < cfg.uncond_prob
+    x0 = pool.tokens[pick]
+    t = shift_timesteps(torch.sigmoid(torch.randn(len(pick), device=device, generator=generator)), timestep_shift)
+    eps = torch.randn(x0.shape, device=device, generator=generator)
+    gen = {"ids": ids, "valid": valid & ~drop[:, None], "x_t": (1 - t[:, None, None]) * x0 + t[:, None, None] * eps,
+           "t": t, "target": eps - x0}
+
+    scenes, rows, boxes, n_und = pool.draw(strata, cfg.und_batch, cfg.cap_batch, generator)
+    images = pool.augmented(scenes, cfg.recon_prob, cfg.noise_prob, cfg.noise_sigma_max, generator)
+    patches, vit_valid = canvas.patches(images, boxes)
+    und = understanding_inputs(tables, rows, patches, vit_valid, canvas.position_ids)
+    labels, answer_index = und.pop("labels"), und.pop("answer_index")
+    return {"gen": gen, "und": und, "labels": labels, "answer_index": answer_index, "n_und": n_und,
+            "is_global": (rows[:n_und] < 2 * tables.num_prompts).float()}
+
+
+def batch_losses(model, batch: dict, markers: torch.Tensor, yes_id: int, no_id: int, autocast: bool):
+    """Losses of a [`draw_batch`] batch: flow matching (velocity MSE), yes/no and caption cross-entropy, and the
+    yes/no accuracy (all, global, local). Pure tensor code with static shapes, so that `torch.compile` can fuse it;
+    `autocast`: bfloat16 autocast on the model's device."""
+    gen, und, n_und = batch["gen"], batch["und"], batch["n_und"]
+    side = IMAGE_SIZE // model.config.latent_downsample
+    device_type = gen["x_t"].device.type
+    with torch.autocast(device_type, dtype=torch.bfloat16, enabled=autocast):
+        v = model(task="context_velocity", ids=gen["ids"], valid=gen["valid"], x_t=gen["x_t"], t=gen["t"],
+                  grid=(side, side), markers=markers)
+        logits = model(task="understand", all_logits=True, **und)
+    gen_loss = F.mse_loss(v.float(), gen["target"])
+    labels, answer_index = batch["labels"], batch["answer_index"]
+    row_loss = answer_losses(logits, labels)
+    rows = torch.arange(n_und, device=logits.device)
+    answer = logits[rows, answer_index[:n_und]].float()
+    predicted_yes = answer[:, yes_id] > answer[:, no_id]
+    right = (predicted_yes == (labels[rows, answer_index[:n_und] + 1] == yes_id)).float()
+    is_global = batch["is_global"]
+    return {
+        "gen": gen_loss,
+        "und": row_loss[:n_und].mean(),
+        "cap": row_loss[n_und:].mean() if row_loss.shape[0] > n_und else gen_loss.new_zeros(()),
+        "und_acc": right.mean(),
+        "global_acc": (right * is_global).sum() / is_global.sum().clamp(min=1),
+        "local_acc": (right * (1 - is_global)).sum() / (1 - is_global).sum().clamp(min=1),
+    }

@@ -111,6 +111,22 @@ def build_attention_mask(
     return mask[:, None]
 
 
+def place_tokens(h: torch.Tensor, slots: torch.Tensor, feats: torch.Tensor, valid: torch.Tensor) -> torch.Tensor:
+    """`h` `[B, L, D]` with the valid tokens of `feats` `[N, P, D]` (`valid` `[N, P]`, taken in row-major order)
+    written at the True positions of `slots` `[B, L]` (row-major order): what `h.masked_scatter(slots[..., None],
+    feats[valid])` gives, by index arithmetic alone, so that it needs no host synchronisation (and static shapes
+    for `torch.compile`). `slots` must hold as many True entries as `valid`."""
+    B, L, D = h.shape
+    flat_valid = valid.reshape(-1)
+    n = flat_valid.numel()
+    rank = flat_valid.long().cumsum(0) - 1
+    order = torch.zeros(n + 1, dtype=torch.long, device=h.device)  # order[r]: flat index of the r-th valid token
+    order.scatter_(0, torch.where(flat_valid, rank, n), torch.arange(n, device=h.device))
+    slot_rank = (slots.reshape(-1).long().cumsum(0) - 1).clamp(min=0)
+    placed = feats.reshape(n, -1)[order[slot_rank]].reshape(B, L, D).to(h.dtype)
+    return torch.where(slots[..., None], placed, h)
+
+
 def sincos_2d(embed_dim: int, grid_size: int) -> np.ndarray:
     """DiT's fixed 2-D sin-cos table `[grid_size**2, embed_dim]`, row-major (index = row * grid_size + col); the first
     half of the channels encodes the column, the second half the row."""
@@ -548,8 +564,7 @@ class BagelModel(PreTrainedModel):
         logits at every position `[B, L, V]` (teacher-forced answers)."""
         h = self._embed_ids(ids.clamp(min=0))
         if vit_slots is not None:
-            feats = self.encode_vit(vit_patches, vit_position_ids, vit_valid)[vit_valid].to(h.dtype)
-            h = h.masked_scatter(vit_slots[..., None], feats)
+            h = place_tokens(h, vit_slots, self.encode_vit(vit_patches, vit_position_ids, vit_valid), vit_valid)
         mask = build_attention_mask(valid, block_id)
         hidden, cache = self.lm(h, positions, mask, None, None, use_cache=use_cache)
         logits = self.language_model.lm_head(hidden if all_logits else hidden[:, -1])
