@@ -195,3 +195,18 @@ def test_evidence_time_limit_and_loss_settings():
     assert arm_loss_guidance(cfg, Flow()) == "conditional" and arm_loss_guidance(cfg, Tokens()) == "guided"
     cfg.loss_guidance = "guided"
     assert arm_loss_guidance(cfg, Flow()) == "guided"
+
+
+def test_a_trainer_loads_a_path_in_float32_on_the_cpu(tmp_path, monkeypatch):
+    """The shipped base is stored in bfloat16 (its config.json says so); on the CPU the trainers load it in float32
+    unless model_init_kwargs asks for a dtype."""
+    from srum_trl import SRUMConfig
+    from srum_trl.trainers.common import resolve_backend
+
+    assert json.load(open(os.path.join(assets.base_model_path(), "config.json")))["dtype"] == "bfloat16"
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    plain = resolve_backend(assets.base_model_path(), SRUMConfig(output_dir=str(tmp_path), report_to="none"))
+    assert {p.dtype for p in plain.model.parameters()} == {torch.float32}
+    asked = resolve_backend(assets.base_model_path(), SRUMConfig(
+        output_dir=str(tmp_path), report_to="none", model_init_kwargs={"dtype": "bfloat16"}))
+    assert {p.dtype for p in asked.model.parameters()} == {torch.bfloat16}

@@ -15,13 +15,17 @@ def resolve_backend(model, args, processing_class=None, peft_config=None) -> UMM
     """A backend for `model` (path, model object or backend), with a PEFT adapter added when `peft_config` is given.
 
     The run's seed is set first (as the Trainer does later), so that the adapter's random initialisation is the same
-    in every run with the same `seed`."""
+    in every run with the same `seed`. A path loaded without a `dtype` in `model_init_kwargs` is loaded in float32
+    when the run is on the CPU, and in the checkpoint's dtype otherwise."""
     from transformers.trainer_utils import enable_full_determinism, set_seed
 
     enable_full_determinism(args.seed) if args.full_determinism else set_seed(args.seed)
     init_kwargs = dict(args.model_init_kwargs or {})
     if not isinstance(model, (str, bytes)) and init_kwargs:
         raise ValueError("model_init_kwargs only apply when `model` is a path; the model object is already built.")
+    if isinstance(model, (str, bytes)) and "dtype" not in init_kwargs and "torch_dtype" not in init_kwargs and (
+            args.use_cpu or not torch.cuda.is_available()):
+        init_kwargs["dtype"] = "float32"  # a bfloat16 checkpoint samples about 13x slower on a CPU
     backend = load_backend(model, processor=processing_class, **init_kwargs)
     if processing_class is not None:
         backend.processor = processing_class

@@ -33,7 +33,8 @@ class GRPOUMMConfig(UMMConfigBase):
     Parameters:
         model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments for the model's `from_pretrained` when `model` is a path (`dtype`,
-            `attn_implementation`, ...). A JSON string is accepted on the command line.
+            `attn_implementation`, ...). A JSON string is accepted on the command line. Without `dtype`, the
+            checkpoint's dtype, except on the CPU (no CUDA device, or `use_cpu`), where it is float32.
         mode (`str`, *optional*, defaults to `"grpo"`):
             "grpo": TRL's clipped policy-gradient loss. "sft": UniRL's self-SFT (the SFT baseline of the SRUM
             paper): cross-entropy on the model's own images, optionally only the best of each group

@@ -35,7 +35,9 @@ class SRUMConfig(UMMConfigBase):
         model_init_kwargs (`dict` or `str`, *optional*):
             Keyword arguments for the model's `from_pretrained` when `model` is a path: `dtype` ("bfloat16",
             "float32", "auto"), `attn_implementation` ("sdpa" by default, "flash_attention_2" when flash-attn is
-            installed), ... A JSON string is accepted on the command line.
+            installed), ... A JSON string is accepted on the command line. Without `dtype`, the checkpoint's
+            dtype, except on the CPU (no CUDA device, or `use_cpu`), where it is float32: bfloat16 weights sample
+            about 13x slower there.
         guidance_scale (`float`, *optional*, defaults to `5.0`):
             Classifier-free guidance scale w of the rollouts (1.0: no guidance).
         temperature (`float`, *optional*, defaults to `1.0`):
