@@ -23,12 +23,12 @@ import torch.nn.functional as F
 
 from ..models.bagel.backend import shift_timesteps
 from ..models.bagel.processing import add_special_tokens, encode_text, navit_size
-from .questions import CAPTION_QUESTION, NO, YES, all_local_questions, global_question
-from .scenes import resize_weights
+from .questions import NO, YES
+from .scenes import QuestionRows, resize_weights
 from .world import IMAGE_SIZE
 
 
-class FlowTextTables:
+class FlowTextTables(QuestionRows):
     """Pre-tokenized rows for every prompt and question of the pretraining mixture.
 
     Generation rows `gen_ids` / `gen_valid` `[P, Lg]`: `[bos] prompt [eos]` per prompt, left padded. Question rows
@@ -41,27 +41,16 @@ class FlowTextTables:
     def __init__(self, tokenizer, prompts: list[str], device):
         self.ids = add_special_tokens(tokenizer)
         self.prompts = prompts
-        self.local_questions = all_local_questions()
         words = lambda text: self._words(tokenizer, text)  # noqa: E731
         self.yes_id, self.no_id = self._one(words(YES)), self._one(words(NO))
         bos, eos = self.ids.bos, self.ids.eos
         self.gen_ids, self.gen_valid, _ = self._pad([[bos, *words(p), eos] for p in prompts], [0] * len(prompts),
                                                     device)
-        rows = []
-        for p in prompts:
-            q = words(global_question(p))
-            rows += [(q, [self.no_id]), (q, [self.yes_id])]
-        for question in self.local_questions:
-            q = words(question)
-            rows += [(q, [self.no_id]), (q, [self.yes_id])]
-        caption = words(CAPTION_QUESTION)
-        rows += [(caption, words(p)) for p in prompts]
+        rows = self.question_rows(prompts, words, self.yes_id, self.no_id)
         seqs = [[bos, *q, eos, bos, *a, eos] for q, a in rows]
         self.qa_ids, self.qa_valid, self.qa_labels = self._pad(seqs, [len(a) + 1 for _, a in rows], device)
         # index (in the row) of the token whose next-token logits give the first answer token: the last question bos
         self.answer_pos = torch.tensor([self.qa_ids.shape[1] - len(a) - 2 for _, a in rows], device=device)
-        self.num_prompts, self.num_local = len(prompts), len(self.local_questions)
-        self.caption_offset = 2 * self.num_prompts + 2 * self.num_local
 
     @staticmethod
     def _words(tokenizer, text: str) -> list[int]:
@@ -86,15 +75,6 @@ class FlowTextTables:
             if n:
                 labels[i, length - n :] = ids[i, length - n :]
         return ids.to(device), valid.to(device), labels.to(device)
-
-    def global_row(self, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        return 2 * prompt + answer.long()
-
-    def local_row(self, question: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        return 2 * self.num_prompts + 2 * question.long() + answer.long()
-
-    def caption_row(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self.caption_offset + prompt
 
 
 class NavitCanvas:

@@ -41,10 +41,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -70,6 +69,7 @@ from .scenes import (
     log,
     lr_factor,
     render_scenes,
+    run_setup,
     scene_jobs,
     score_images,
     seed_everything,
@@ -443,29 +443,12 @@ def main(argv=None) -> dict:
     """Run the whole pipeline (see the module docs); returns the metrics written to `metrics.json`."""
     args = parse_args(argv)
     start = time.time()
-    cfg = SCALES[args.scale]
-    overrides = {}
-    if args.time_budget_s is not None:
-        overrides["time_budget_s"] = args.time_budget_s
-    if args.compile is not None:
-        overrides["compile"] = args.compile
-    if args.workers is not None:
-        overrides["workers"] = args.workers
-    elif cfg.workers > 0:
-        overrides["workers"] = max(0, min(cfg.workers, (os.cpu_count() or 1) - 1))
-    cfg = replace(cfg, **overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, device, autocast = run_setup(args, SCALES, compile=args.compile)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed
     seed_everything(seed)
     deadline = start + cfg.time_budget_s
-    if device.type == "cuda":
-
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     seconds: dict[str, float] = {}

@@ -38,10 +38,9 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import time
 from contextlib import nullcontext
-from dataclasses import asdict, dataclass, replace
+from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
@@ -52,9 +51,10 @@ from PIL import Image
 from ..models.janus.backend import JanusBackend
 from ..models.janus.tiny import TinyJanusSpec, build_tiny_janus
 from .evaluation import evaluate_generation, evaluate_understanding
-from .questions import CAPTION_QUESTION, NO, VOCABULARY, YES, all_local_questions, global_question
+from .questions import CAPTION_QUESTION, NO, VOCABULARY, YES, global_question
 from .scenes import (
     KINDS,
+    QuestionRows,
     ScenePool,
     Workers,
     concat_arrays,
@@ -62,6 +62,7 @@ from .scenes import (
     log,
     lr_factor,
     render_scenes,
+    run_setup,
     resize_weights,
     scene_jobs,
     score_images,
@@ -224,7 +225,7 @@ def crop_resize(images: torch.Tensor, boxes: torch.Tensor, size: int, fill: torc
 
 
 # ----------------------------------------------------------------------------------------------- text tables
-class TextTables:
+class TextTables(QuestionRows):
     """Pre-tokenized, left-padded rows for every prompt and question the LM stage uses.
 
     Generation rows: `[bos] prompt [begin_of_image]` per train prompt (what `JanusBackend.tokenize_prompts` builds).
@@ -237,7 +238,6 @@ class TextTables:
     def __init__(self, processor, prompts: list[str], device):
         tok = processor.tokenizer
         self.prompts = prompts
-        self.local_questions = all_local_questions()
         image_ids = [
             tok.bos_token_id,
             tok.convert_tokens_to_ids(processor.image_start_token),
@@ -248,15 +248,7 @@ class TextTables:
         boi = tok.convert_tokens_to_ids(processor.image_start_token)
         gen = [[tok.bos_token_id, *self._words(tok, p), boi] for p in prompts]
         self.gen_ids, self.gen_mask = self._pad(gen, device)
-        rows, answer_lengths = [], []
-        for p in prompts:
-            q = self._words(tok, global_question(p))
-            rows += [(q, [self.no_id]), (q, [self.yes_id])]
-        for question in self.local_questions:
-            q = self._words(tok, question)
-            rows += [(q, [self.no_id]), (q, [self.yes_id])]
-        caption = self._words(tok, CAPTION_QUESTION)
-        rows += [(caption, self._words(tok, p)) for p in prompts]
+        rows = self.question_rows(prompts, lambda text: self._words(tok, text), self.yes_id, self.no_id)
         seqs = [image_ids + q + a + [tok.eos_token_id] for q, a in rows]
         answer_lengths = [len(a) + 1 for _, a in rows]
         self.qa_ids, self.qa_mask = self._pad(seqs, device)
@@ -267,8 +259,6 @@ class TextTables:
         self.qa_labels = labels
         # position (in the shifted, next-token frame) of the first answer token of each row
         self.answer_pos = torch.tensor([length - n - 1 for n in answer_lengths], device=device)
-        self.num_prompts, self.num_local = len(prompts), len(self.local_questions)
-        self.caption_offset = 2 * self.num_prompts + 2 * self.num_local
         self._image_ids = image_ids
 
     @staticmethod
@@ -306,14 +296,6 @@ class TextTables:
             expected = self._image_ids + self._words(processor.tokenizer, question)
             assert enc["input_ids"][0].tolist() == expected and n_q > 0, "question rows differ from the processor"
 
-    def global_row(self, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        return 2 * prompt + answer.long()
-
-    def local_row(self, question: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        return 2 * self.num_prompts + 2 * question.long() + answer.long()
-
-    def caption_row(self, prompt: torch.Tensor) -> torch.Tensor:
-        return self.caption_offset + prompt
 
 
 # ------------------------------------------------------------------------------------------------- VQ stage
@@ -645,27 +627,12 @@ def main(argv=None) -> dict:
     """Run the whole pipeline (see the module docs); returns the metrics that are written to `metrics.json`."""
     args = parse_args(argv)
     start = time.time()
-    cfg = SCALES[args.scale]
-    overrides = {}
-    if args.time_budget_s is not None:
-        overrides["time_budget_s"] = args.time_budget_s
-    if args.workers is not None:
-        overrides["workers"] = args.workers
-    elif cfg.workers > 0:
-        overrides["workers"] = max(0, min(cfg.workers, (os.cpu_count() or 1) - 1))
-    cfg = replace(cfg, **overrides)
-    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    cfg, device, autocast = run_setup(args, SCALES)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     seed = args.seed
     seed_everything(seed)
     deadline = start + cfg.time_budget_s
-    if device.type == "cuda":
-
-        def autocast():
-            return torch.autocast("cuda", dtype=torch.bfloat16)
-    else:
-        autocast = nullcontext
     generator = torch.Generator(device=device)
     generator.manual_seed(seed)
     seconds: dict[str, float] = {}

@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import math
 import multiprocessing
+import os
 import random
 import time
+from contextlib import nullcontext
+from dataclasses import replace
 
 import numpy as np
 import torch
 
+from .questions import CAPTION_QUESTION, all_local_questions, global_question
 from .scorer import score
 from .world import (
     CATEGORIES,
@@ -42,6 +46,56 @@ _PAIR_INDEX = {pair: i for i, pair in enumerate(_PAIRS)}
 
 def log(start: float, message: str) -> None:
     print(f"[pretrain {time.time() - start:7.1f}s] {message}", flush=True)
+
+
+class QuestionRows:
+    """The question/answer row layout that both base models' pretraining tables share. Row order: the global
+    question of prompt p with answer a (0 no, 1 yes) at `2 p + a`; local question q with answer a at `2 P + 2 q + a`;
+    the caption of prompt p at `2 P + 2 Q + p`."""
+
+    def question_rows(self, prompts: list[str], words, yes: int, no: int) -> list[tuple[list[int], list[int]]]:
+        """`(question ids, answer ids)` in the layout's order; `words(text)` tokenizes. Sets the row offsets."""
+        self.local_questions = all_local_questions()
+        rows = []
+        for question in [global_question(p) for p in prompts] + self.local_questions:
+            q = words(question)
+            rows += [(q, [no]), (q, [yes])]
+        caption = words(CAPTION_QUESTION)
+        rows += [(caption, words(p)) for p in prompts]
+        self.num_prompts, self.num_local = len(prompts), len(self.local_questions)
+        self.caption_offset = 2 * self.num_prompts + 2 * self.num_local
+        return rows
+
+    def global_row(self, prompt: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        return 2 * prompt + answer.long()
+
+    def local_row(self, question: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
+        return 2 * self.num_prompts + 2 * question.long() + answer.long()
+
+    def caption_row(self, prompt: torch.Tensor) -> torch.Tensor:
+        return self.caption_offset + prompt
+
+
+def run_setup(args, scales: dict, **overrides):
+    """A pretraining command's `(config, device, autocast)`: the `--scale` preset with `--time-budget-s`,
+    `--workers` and the given `overrides` (None: keep the preset's) applied, the `--device` (cuda when available),
+    and a bf16 autocast context on CUDA (a no-op context elsewhere)."""
+    cfg = scales[args.scale]
+    changes = {k: v for k, v in overrides.items() if v is not None}
+    if args.time_budget_s is not None:
+        changes["time_budget_s"] = args.time_budget_s
+    if args.workers is not None:
+        changes["workers"] = args.workers
+    elif cfg.workers > 0:
+        changes["workers"] = max(0, min(cfg.workers, (os.cpu_count() or 1) - 1))
+    device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    if device.type == "cuda":
+
+        def autocast():
+            return torch.autocast("cuda", dtype=torch.bfloat16)
+    else:
+        autocast = nullcontext
+    return replace(cfg, **changes), device, autocast
 
 
 def seed_everything(seed: int) -> None:
