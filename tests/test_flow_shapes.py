@@ -22,12 +22,7 @@ LAYOUT = {"llm_config.json", "vit_config.json", "ema.safetensors", "ae.safetenso
           "tokenizer.json", "tokenizer_config.json", "config.json", "generation_config.json", "metrics.json"}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 @pytest.fixture(scope="module")

@@ -14,13 +14,7 @@ from srum_trl.shapes import assets
 from srum_trl.shapes.evidence import _stats, arm_learning_rate, arm_order, parse_arm, summarize, EvidenceConfig
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _one_thread():
-    """Small models gain nothing from intra-op threads, and spinning threads slow down badly on a shared CPU."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
+pytestmark = pytest.mark.usefixtures("one_thread")
 
 
 def test_shipped_checkpoint_layout_and_size():
