@@ -16,7 +16,7 @@ import json
 import math
 from types import SimpleNamespace
 
-from srum_trl.shapes.evidence import (CONTROL_ARMS, GROUPED_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
+from srum_trl.shapes.evidence import (CONTROL_ARMS, GROUPED_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
                                       summarize)
 
 
@@ -40,7 +40,7 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
             lr = arm_learning_rate(row["arm"], config)
             recipe = _recipe(config, row["arm"], lr, steps[row["arm"]])
             if (row["arm"], recipe) not in labels:
-                labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels)
+                labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels, _settings(config, row["arm"]))
             label = labels[(row["arm"], recipe)]
             if (label, row["seed"]) not in seen and "error" not in row:
                 seen.add((label, row["seed"]))
@@ -57,17 +57,27 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
     return summary, rows, commands
 
 
-def _label(arm: str, recipe: str, lr: float, labels: dict) -> str:
-    """The arm's row label: the arm itself, or `ARM@LR` when the arm already has a row with another recipe."""
-    if arm not in labels.values():
-        return arm
-    if parse_arm(arm)[1] is not None:
-        return f"{arm} ({recipe})"
-    return f"{arm}@{lr:g}" if lr >= 1e-3 else f"{arm}@{lr:.0e}".replace("e-0", "e-")
+def _label(arm: str, recipe: str, lr: float, labels: dict, settings: str = "") -> str:
+    """The arm's row label: the arm itself; `ARM@LR` when the arm already has a row with another recipe; with the
+    GRPO settings of `--grpo_config` in brackets when it has some (`grpo@1e-4 (sde_steps random)`); with its whole
+    recipe in brackets when that label is still taken."""
+    taken = set(labels.values())
+    label = arm
+    if arm in taken and parse_arm(arm)[1] is None:
+        label = f"{arm}@{lr:g}" if lr >= 1e-3 else f"{arm}@{lr:.0e}".replace("e-0", "e-")
+    if settings:
+        label = f"{label} ({settings})"
+    return label if label not in taken else f"{_spec(label)} ({recipe})"
+
+
+def _spec(label: str) -> str:
+    """The `ARM` or `ARM@LR` of a row label (a label may end in its recipe, in brackets)."""
+    return label.split(" (")[0]
 
 
 def _recipe(config, arm: str, lr: float, steps: list[int] | None = None) -> str:
-    """Steps x images, learning rate, groups. `steps`: the steps the arm's seeds made; when a time limit stopped
+    """Steps x images, learning rate, groups, and the GRPO arms' `--grpo_config` settings (so that runs with another
+    noise level or SDE-step rule are not pooled with each other). `steps`: the steps the arm's seeds made; when a time limit stopped
     them before the run's count, their range is shown ("11-19 of 60")."""
     name = parse_arm(arm)[0]
     groups = f", groups of {config.num_generations}" if name in GROUPED_ARMS else ""
@@ -75,7 +85,15 @@ def _recipe(config, arm: str, lr: float, steps: list[int] | None = None) -> str:
     if steps and min(steps) < config.steps:
         low, high = min(steps), max(steps)
         count = f"{low}{'' if low == high else f'-{high}'} of {config.steps}"
-    return f"{count} x {config.batch_size}, lr {lr:g}{groups}"
+    settings = _settings(config, arm)
+    return f"{count} x {config.batch_size}, lr {lr:g}{groups}{', ' + settings if settings else ''}"
+
+
+def _settings(config, arm: str) -> str:
+    """The run's `--grpo_config` settings of a GRPO arm ("noise_level 1.0, sde_steps random"), else ""."""
+    if parse_arm(arm)[0] not in GRPO_ARMS or not getattr(config, "grpo_config", None):
+        return ""
+    return ", ".join(f"{key} {value}" for key, value in sorted(config.grpo_config.items()))
 
 
 def table(summary: dict, rows: list[dict]) -> str:
@@ -89,9 +107,10 @@ def table(summary: dict, rows: list[dict]) -> str:
              f"{_pct(base['heldout']['pair'])} | {_pct(base['heldout']['spatial'])} | "
              f"{_pct(base['heldout']['counting'])} | {_pct(base['understanding'])} | "
              f"{_pct(base.get('train_prompts', {}).get('overall'))} | | | | |"]
-    for arm in arm_order(a for a in summary if a != "base"):
+    labels = [a for a in summary if a != "base"]
+    for arm in sorted(labels, key=lambda label: (arm_order(_spec(a) for a in labels).index(_spec(label)), label)):
         e = summary[arm]
-        label = f"{arm} (control)" if parse_arm(arm)[0] in CONTROL_ARMS else arm
+        label = f"{arm} (control)" if parse_arm(_spec(arm))[0] in CONTROL_ARMS else arm
         closed = "" if e.get("error_closed") is None else f"{100 * e['error_closed']:+.0f}%"
         lines.append(f"| {label} | {recipes[arm]} | {_ms(e['overall'])} | {_ms(e['single'])} | {_ms(e['pair'])} | "
                      f"{_ms(e['spatial'])} | {_ms(e['counting'])} | {_ms(e['understanding'])} | "

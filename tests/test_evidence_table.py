@@ -55,3 +55,20 @@ def test_arms_stopped_by_a_time_limit_show_their_steps(tmp_path):
     _, rows, _ = table.merge([path])
     recipes = {r["arm"]: r["recipe"] for r in rows}
     assert recipes == {"sft": "7-9 of 10 x 8, lr 0.0002", "srum": "10 x 8, lr 0.0002"}
+
+
+def test_grpo_runs_with_other_settings_get_their_own_rows(tmp_path):
+    table = _script()
+    a = _run(tmp_path, "a.json", 1e-4, [("grpo", 0, 0.5), ("grpo", 1, 0.7)])
+    b = _run(tmp_path, "b.json", 1e-4, [("grpo", 0, 0.2), ("grpo", 1, 0.4), ("sft", 0, 0.3)])
+    c = _run(tmp_path, "c.json", 1e-4, [("grpo", 0, 0.9)])
+    for path, settings in ((b, {"sde_steps": "random", "noise_level": 1.0}), (c, {"noise_level": 1.0})):
+        result = json.loads(open(path).read())
+        result["config"]["grpo_config"] = settings  # `--grpo_config` of that run: the GRPO arms only
+        open(path, "w").write(json.dumps(result))
+    summary, rows, _ = table.merge([a, b, c])
+    assert summary["grpo"]["overall"]["mean"] == pytest.approx(0.6)  # not pooled with the other settings' seeds
+    assert summary["grpo@3e-4 (noise_level 1.0, sde_steps random)"]["overall"]["mean"] == pytest.approx(0.3)
+    assert summary["grpo@3e-4 (noise_level 1.0)"]["overall"]["mean"] == pytest.approx(0.9)
+    assert {r["recipe"] for r in rows if r["arm"] == "sft"} == {"10 x 8, lr 0.0001"}  # SRUM arms: no GRPO settings
+    assert "| grpo@3e-4 (noise_level 1.0) | 10 x 8, lr 0.0003, groups of 8, noise_level 1.0 |" in table.table(summary, rows)
