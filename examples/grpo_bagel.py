@@ -12,6 +12,10 @@ backends").
     # every step stochastic, 7 of them trained per round (Flow-GRPO's training on fewer steps), KL to the base
     accelerate launch examples/grpo_bagel.py ... --sde_steps random --sde_num_train_steps 7 --beta 0.01
 
+On the flow ShapesWorld base, training a random half of the steps (`--sde_steps random`) learned more than the
+2-step window in the same time and is the setting that improved the base significantly; the window costs less per
+round at this size (docs/grpo.md, "Evidence on ShapesWorld").
+
 Every GRPOUMMConfig field, the BAGEL settings of `train_bagel.py` (`--image_size`, `--num_timesteps`,
 `--timestep_shift`, `--cfg_interval_low/high`, `--lora_target`, ...) and TRL's ModelConfig (LoRA) flags are
 accepted. The defaults below follow Flow-GRPO's BAGEL configuration where it has one (512 px, 15 grid points = 14
