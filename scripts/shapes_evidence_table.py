@@ -16,8 +16,8 @@ import json
 import math
 from types import SimpleNamespace
 
-from srum_trl.shapes.evidence import (CONTROL_ARMS, GROUPED_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_learning_rate, arm_order, parse_arm,
-                                      summarize)
+from srum_trl.shapes.evidence import (CONTROL_ARMS, GROUPED_ARMS, GRPO_ARMS, _ms, _num, _pct, arm_learning_rate,
+                                      arm_order, parse_arm, summarize)
 
 
 def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
@@ -38,9 +38,10 @@ def merge(paths: list[str]) -> tuple[dict, list[dict], list[str]]:
             steps.setdefault(row["arm"], []).append(row.get("steps", config.steps))
         for row in result["runs"]:
             lr = arm_learning_rate(row["arm"], config)
-            recipe = _recipe(config, row["arm"], lr, steps[row["arm"]])
+            settings = _settings(config, row["arm"])
+            recipe = _recipe(config, row["arm"], lr, steps[row["arm"]], settings)
             if (row["arm"], recipe) not in labels:
-                labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels, _settings(config, row["arm"]))
+                labels[(row["arm"], recipe)] = _label(row["arm"], recipe, lr, labels, settings)
             label = labels[(row["arm"], recipe)]
             if (label, row["seed"]) not in seen and "error" not in row:
                 seen.add((label, row["seed"]))
@@ -75,17 +76,16 @@ def _spec(label: str) -> str:
     return label.split(" (")[0]
 
 
-def _recipe(config, arm: str, lr: float, steps: list[int] | None = None) -> str:
-    """Steps x images, learning rate, groups, and the GRPO arms' `--grpo_config` settings (so that runs with another
-    noise level or SDE-step rule are not pooled with each other). `steps`: the steps the arm's seeds made; when a time limit stopped
-    them before the run's count, their range is shown ("11-19 of 60")."""
+def _recipe(config, arm: str, lr: float, steps: list[int] | None = None, settings: str = "") -> str:
+    """Steps x images, learning rate, groups, and `settings`, the GRPO arms' `--grpo_config` ([`_settings`], so
+    that runs with another noise level or SDE-step rule are not pooled with each other). `steps`: the steps the
+    arm's seeds made; when a time limit stopped them before the run's count, their range is shown ("11-19 of 60")."""
     name = parse_arm(arm)[0]
     groups = f", groups of {config.num_generations}" if name in GROUPED_ARMS else ""
     count = f"{config.steps}"
     if steps and min(steps) < config.steps:
         low, high = min(steps), max(steps)
         count = f"{low}{'' if low == high else f'-{high}'} of {config.steps}"
-    settings = _settings(config, arm)
     return f"{count} x {config.batch_size}, lr {lr:g}{groups}{', ' + settings if settings else ''}"
 
 
@@ -108,7 +108,8 @@ def table(summary: dict, rows: list[dict]) -> str:
              f"{_pct(base['heldout']['counting'])} | {_pct(base['understanding'])} | "
              f"{_pct(base.get('train_prompts', {}).get('overall'))} | | | | |"]
     labels = [a for a in summary if a != "base"]
-    for arm in sorted(labels, key=lambda label: (arm_order(_spec(a) for a in labels).index(_spec(label)), label)):
+    order = arm_order({_spec(label) for label in labels})
+    for arm in sorted(labels, key=lambda label: (order.index(_spec(label)), label)):
         e = summary[arm]
         label = f"{arm} (control)" if parse_arm(_spec(arm))[0] in CONTROL_ARMS else arm
         closed = "" if e.get("error_closed") is None else f"{100 * e['error_closed']:+.0f}%"
